@@ -1,0 +1,24 @@
+# saeflow: wiring only. Stages live in workflow/rules/*.smk; code in src/saeflow/.
+from snakemake.utils import min_version, validate
+
+min_version("9.0")
+
+
+configfile: "config/config.yaml"
+
+
+validate(config, "workflow/schemas/config.schema.yaml")
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/models.smk"
+include: "workflow/rules/data.smk"
+include: "workflow/rules/activations.smk"
+include: "workflow/rules/saes.smk"
+include: "workflow/rules/sae_eval.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        all_targets(),

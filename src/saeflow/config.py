@@ -1,0 +1,86 @@
+"""Configuration checks and expansion that JSON Schema cannot express.
+
+The Snakefile first validates the config against ``workflow/schemas/config.schema.yaml`` (types,
+ranges, unknown keys), then calls :func:`check` for cross-references (a family naming a model that
+is not declared, a layer past the model's last one, ...) and :func:`sae_table` to expand SAE
+families into one entry per SAE. Every error names the config key and what was expected.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from saeflow.models import describe, parse_site
+from saeflow.saes import expand_family
+
+
+class ConfigError(ValueError):
+    """A config value is inconsistent; the message names the key."""
+
+
+def _need(config: dict, section: str, name: str, key: str) -> None:
+    if name not in config.get(section, {}):
+        known = ", ".join(sorted(config.get(section, {}))) or "none"
+        raise ConfigError(f"{key}: '{name}' is not declared under '{section}' (declared: {known})")
+
+
+def _check_site(config: dict, model: str, site: str, key: str) -> None:
+    try:
+        layer = parse_site(site).layer
+    except ValueError as err:
+        raise ConfigError(f"{key}: {err}") from err
+    dims = describe(config["models"][model]["path"])
+    if dims is not None and not 0 <= layer < dims[0]:
+        raise ConfigError(
+            f"{key}: layer {layer} of site '{site}' is out of range; model '{model}' has "
+            f"{dims[0]} layers (0..{dims[0] - 1})"
+        )
+
+
+def check(config: dict) -> None:
+    """Raise :class:`ConfigError` on the first inconsistency, naming its key."""
+    for name, corpus in config["corpora"].items():
+        _need(config, "models", corpus["tokenizer"], f"corpora.{name}.tokenizer")
+        if corpus["source"] == "hf" and "hf" not in corpus:
+            raise ConfigError(f"corpora.{name}: source 'hf' needs an 'hf' block with a 'path'")
+    for name, model in config["models"].items():
+        for i, site in enumerate(model.get("sites", [])):
+            _check_site(config, name, site, f"models.{name}.sites[{i}]")
+    for name, family in config["sae_families"].items():
+        key = f"sae_families.{name}"
+        _need(config, "models", family["model"], f"{key}.model")
+        _need(config, "corpora", family["corpus"], f"{key}.corpus")
+        _check_site(config, family["model"], family["site"], f"{key}.site")
+    for name, sae in config.get("pretrained_saes", {}).items():
+        key = f"pretrained_saes.{name}"
+        _need(config, "models", sae["model"], f"{key}.model")
+        _check_site(config, sae["model"], sae["site"], f"{key}.site")
+        if ("path" in sae) == ("release" in sae or "sae_id" in sae):
+            raise ConfigError(f"{key}: give either 'path' or both 'release' and 'sae_id'")
+        if "path" not in sae and not ("release" in sae and "sae_id" in sae):
+            raise ConfigError(f"{key}: 'release' and 'sae_id' go together")
+    _need(config, "corpora", config["evaluation"]["corpus"], "evaluation.corpus")
+
+
+def sae_table(config: dict) -> dict[str, dict[str, Any]]:
+    """Every SAE of the run by id: trained ones expanded from families, then pretrained ones.
+
+    Each entry has ``model``, ``site``, ``kind`` ("trained" or "pretrained") and the parameters
+    that produce it; a trained entry also has ``corpus`` and ``family``.
+    """
+    table: dict[str, dict[str, Any]] = {}
+    for name, family in config["sae_families"].items():
+        for sae_id, params in expand_family(name, family).items():
+            table[sae_id] = {**params, "kind": "trained", "family": name}
+    for sae_id, sae in config.get("pretrained_saes", {}).items():
+        if sae_id in table:
+            raise ConfigError(f"pretrained_saes.{sae_id}: id also produced by an SAE family")
+        table[sae_id] = {**sae, "kind": "pretrained"}
+    return table
+
+
+def sites_to_cache(config: dict, model: str) -> list[str]:
+    """Sites of ``model`` to cache: those its SAEs read plus the extra ones declared."""
+    sites = set(config["models"][model].get("sites", []))
+    sites |= {sae["site"] for sae in sae_table(config).values() if sae["model"] == model}
+    return sorted(sites)

@@ -1,0 +1,75 @@
+# Model activations: one job per (model, corpus) caches every site of that model in one forward
+# pass that stops after the last layer needed; the full model's per-token loss is its own job.
+
+
+def site_args(wildcards, output):
+    """--site/--out pairs, in the order of the rule's outputs."""
+    sites = sites_to_cache(config, wildcards.model)
+    return " ".join(f"--site {s} --out {o}" for s, o in zip(sites, output))
+
+
+def model_path_param(wildcards):
+    return model_path(wildcards.model)
+
+
+for _model in config["models"]:
+
+    rule:
+        name:
+            f"cache_activations_{_model}"
+        input:
+            model=model_input,
+            tokens="data/tokens/{corpus}.h5",
+        output:
+            expand(
+                "acts/{{model}}/{{corpus}}/{site}.h5",
+                site=sites_to_cache(config, _model),
+            ),
+        wildcard_constraints:
+            model=re.escape(_model),
+        params:
+            model=model_path_param,
+            sites=site_args,
+            dtype=config["models"][_model]["dtype"],
+            batch_size=config["activations"]["batch_size"],
+            skip=config["activations"]["skip_positions"],
+            chunk=config["activations"]["chunk_tokens"],
+        log:
+            "logs/cache_activations/{model}/{corpus}.log",
+        benchmark:
+            "benchmarks/cache_activations/{model}/{corpus}.tsv"
+        threads: 2
+        resources:
+            mem_mb=8000,
+            runtime=120,
+            gpu=1,
+        shell:
+            "python -m saeflow.activations cache --model {params.model} --tokens {input.tokens}"
+            " {params.sites} --batch-size {params.batch_size} --dtype {params.dtype}"
+            " --skip-positions {params.skip} --chunk-tokens {params.chunk}"
+            " --model-name {wildcards.model} --corpus {wildcards.corpus} > {log} 2>&1"
+
+
+rule lm_loss:
+    input:
+        model=model_input,
+        tokens="data/tokens/{corpus}.h5",
+    output:
+        loss="acts/{model}/{corpus}/lm_loss.h5",
+    params:
+        model=model_path_param,
+        batch_size=config["activations"]["batch_size"],
+        dtype=model_dtype,
+    log:
+        "logs/lm_loss/{model}/{corpus}.log",
+    benchmark:
+        "benchmarks/lm_loss/{model}/{corpus}.tsv"
+    threads: 2
+    resources:
+        mem_mb=8000,
+        runtime=120,
+        gpu=1,
+    shell:
+        "python -m saeflow.activations loss --model {params.model} --tokens {input.tokens}"
+        " --out {output.loss} --batch-size {params.batch_size} --dtype {params.dtype}"
+        " --model-name {wildcards.model} --corpus {wildcards.corpus} > {log} 2>&1"

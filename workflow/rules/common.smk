@@ -1,0 +1,71 @@
+# Helpers shared by the rule files: named functions only (no lambdas in rules).
+import os
+import re
+
+from saeflow.config import check, sae_table, sites_to_cache
+
+# Paths in the config are relative to the repository root; the workflow runs inside results/.
+REPO = os.path.abspath(workflow.basedir)
+check(config)
+SAES = sae_table(config)
+TRAINED = sorted(i for i, s in SAES.items() if s["kind"] == "trained")
+PRETRAINED = sorted(i for i, s in SAES.items() if s["kind"] == "pretrained")
+PACKAGED = sorted(m for m, spec in config["models"].items() if spec["path"] == "packaged")
+EVAL_CORPUS = config["evaluation"]["corpus"]
+
+
+workdir: os.path.join(REPO, "results")
+
+
+def alternation(names):
+    """A wildcard constraint matching exactly these names (or nothing)."""
+    return "|".join(map(re.escape, names)) or "(?!)"
+
+
+def model_path(model):
+    """Where a model's weights are read from: its converted folder, a local folder, or a hub id."""
+    path = config["models"][model]["path"]
+    if path == "packaged":
+        return f"resources/models/{model}"
+    local = os.path.join(REPO, path)
+    return local if os.path.exists(local) else path
+
+
+def model_files(model):
+    """Files a job needs so that the model exists: the converted folder's config, if packaged."""
+    return [f"resources/models/{model}/config.json"] if model in PACKAGED else []
+
+
+def model_input(wildcards):
+    return model_files(wildcards.model)
+
+
+def corpus_model_input(wildcards):
+    return model_files(config["corpora"][wildcards.corpus]["tokenizer"])
+
+
+def sae_model_input(wildcards):
+    return model_files(SAES[wildcards.sae_id]["model"])
+
+
+def sae_train_acts(wildcards):
+    sae = SAES[wildcards.sae_id]
+    return f"acts/{sae['model']}/{sae['corpus']}/{sae['site']}.h5"
+
+
+def sae_eval_acts(wildcards):
+    sae = SAES[wildcards.sae_id]
+    return f"acts/{sae['model']}/{wildcards.corpus}/{sae['site']}.h5"
+
+
+def all_targets():
+    """Everything the default target builds."""
+    targets = [f"sae_eval/{sae_id}/{EVAL_CORPUS}.metrics.json" for sae_id in SAES]
+    targets.append("tables/sae_metrics.csv")
+    if config["activations"]["lm_loss"]:
+        targets += [f"acts/{model}/{EVAL_CORPUS}/lm_loss.h5" for model in config["models"]]
+    return targets
+
+
+def model_dtype(wildcards):
+    return config["models"][wildcards.model]["dtype"]

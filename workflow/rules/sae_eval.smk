@@ -1,0 +1,59 @@
+# SAE evaluation: the Dark Matter SAEInfoObject as files, plus per-SAE metrics and a summary table.
+
+
+def sae_site(wildcards):
+    return SAES[wildcards.sae_id]["site"]
+
+
+def sae_model_path(wildcards):
+    return model_path(SAES[wildcards.sae_id]["model"])
+
+
+def all_metrics(wildcards):
+    return [f"sae_eval/{sae_id}/{EVAL_CORPUS}.metrics.json" for sae_id in sorted(SAES)]
+
+
+rule evaluate_sae:
+    input:
+        sae="saes/{sae_id}/cfg.json",
+        weights="saes/{sae_id}/sae_weights.safetensors",
+        acts=sae_eval_acts,
+        tokens="data/tokens/{corpus}.h5",
+        model=sae_model_input,
+    output:
+        info="sae_eval/{sae_id}/{corpus}.h5",
+        metrics="sae_eval/{sae_id}/{corpus}.metrics.json",
+    params:
+        model=sae_model_path,
+        site=sae_site,
+        downstream_seqs=config["evaluation"]["downstream_seqs"],
+        batch_size=config["evaluation"]["batch_size"],
+        chunk=config["evaluation"]["chunk_tokens"],
+        skip=config["activations"]["skip_positions"],
+    log:
+        "logs/evaluate_sae/{sae_id}/{corpus}.log",
+    benchmark:
+        "benchmarks/evaluate_sae/{sae_id}/{corpus}.tsv"
+    threads: 2
+    resources:
+        mem_mb=8000,
+        runtime=60,
+        gpu=1,
+    shell:
+        "python -m saeflow.sae_eval evaluate --sae saes/{wildcards.sae_id} --acts {input.acts}"
+        " --model {params.model} --tokens {input.tokens} --site {params.site}"
+        " --out {output.info} --metrics {output.metrics} --sae-id {wildcards.sae_id}"
+        " --downstream-seqs {params.downstream_seqs} --batch-size {params.batch_size}"
+        " --skip-positions {params.skip} --chunk-tokens {params.chunk} > {log} 2>&1"
+
+
+rule summarize_saes:
+    input:
+        metrics=all_metrics,
+    output:
+        table="tables/sae_metrics.csv",
+    log:
+        "logs/summarize_saes/summary.log",
+    shell:
+        "python -m saeflow.sae_eval summarize --metrics {input.metrics}"
+        " --out {output.table} > {log} 2>&1"
