@@ -111,15 +111,15 @@ def open_checked(
             got = h5.attrs.get(key)
             if got is None:
                 raise InputFileError(f"{path}: attribute '{key}' missing, expected {want!r}")
-            if _plain(got) != _plain(want):
-                raise InputFileError(f"{path}: attribute '{key}' is {_plain(got)!r}, expected {want!r}")
+            if plain(got) != plain(want):
+                raise InputFileError(f"{path}: attribute '{key}' is {plain(got)!r}, expected {want!r}")
     except Exception:
         h5.close()
         raise
     return h5
 
 
-def _plain(value: Any) -> Any:
+def plain(value: Any) -> Any:
     """h5py returns numpy scalars and bytes; compare as plain Python values."""
     if hasattr(value, "item"):
         value = value.item()
