@@ -69,3 +69,11 @@ def all_targets():
 
 def model_dtype(wildcards):
     return config["models"][wildcards.model]["dtype"]
+
+
+def sae_site(wildcards):
+    return SAES[wildcards.sae_id]["site"]
+
+
+def sae_model(wildcards):
+    return SAES[wildcards.sae_id]["model"]

@@ -1,10 +1,6 @@
 # SAE evaluation: the Dark Matter SAEInfoObject as files, plus per-SAE metrics and a summary table.
 
 
-def sae_site(wildcards):
-    return SAES[wildcards.sae_id]["site"]
-
-
 def sae_model_path(wildcards):
     return model_path(SAES[wildcards.sae_id]["model"])
 

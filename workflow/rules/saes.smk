@@ -1,0 +1,67 @@
+# SAEs: trained from cached activations (families expanded in common.smk) or imported pretrained,
+# all in the SAELens layout at saes/{sae_id}/.
+
+# Keys of an SAE table entry that locate it in the DAG rather than configure its training.
+NOT_TRAIN_ARGS = {"family", "kind", "model", "corpus", "site"}
+
+
+def train_args(wildcards):
+    """Every training knob of one SAE as command-line flags (a change reruns exactly it)."""
+    sae = SAES[wildcards.sae_id]
+    flags = [
+        f"--{key.replace('_', '-')} {value}"
+        for key, value in sorted(sae.items())
+        if key not in NOT_TRAIN_ARGS and value is not None
+    ]
+    return " ".join(flags)
+
+
+def import_args(wildcards):
+    sae = SAES[wildcards.sae_id]
+    if "path" in sae:
+        return f"--path {os.path.join(REPO, sae['path'])}"
+    return f"--release {sae['release']} --sae-id {sae['sae_id']}"
+
+
+rule train_sae:
+    input:
+        acts=sae_train_acts,
+    output:
+        cfg="saes/{sae_id}/cfg.json",
+        weights="saes/{sae_id}/sae_weights.safetensors",
+    wildcard_constraints:
+        sae_id=alternation(TRAINED),
+    params:
+        args=train_args,
+        site=sae_site,
+        model=sae_model,
+    log:
+        "logs/train_sae/{sae_id}.log",
+    benchmark:
+        "benchmarks/train_sae/{sae_id}.tsv"
+    threads: 2
+    resources:
+        mem_mb=8000,
+        runtime=240,
+        gpu=1,
+    shell:
+        "python -m saeflow.train --acts {input.acts} --out saes/{wildcards.sae_id}"
+        " --checkpoint-dir checkpoints/{wildcards.sae_id} {params.args}"
+        " --hook-name {params.site} --model-name {params.model} > {log} 2>&1"
+
+
+rule import_sae:
+    output:
+        cfg="saes/{sae_id}/cfg.json",
+        weights="saes/{sae_id}/sae_weights.safetensors",
+    wildcard_constraints:
+        sae_id=alternation(PRETRAINED),
+    params:
+        args=import_args,
+    log:
+        "logs/import_sae/{sae_id}.log",
+    resources:
+        mem_mb=8000,
+        runtime=60,
+    shell:
+        "python -m saeflow.saes import --out saes/{wildcards.sae_id} {params.args} > {log} 2>&1"
