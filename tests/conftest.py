@@ -1,0 +1,50 @@
+"""Shared fixtures: seeded RNGs for every test, and the packaged SmolLM2 converted once per session.
+
+Tests never touch the network: the Hugging Face offline switches are set here, before
+transformers or datasets is imported by any test module.
+"""
+
+import importlib.util
+import os
+import random
+import sys
+from pathlib import Path
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+if importlib.util.find_spec("saeflow") is None:  # not pip-installed: test the checkout
+    sys.path.insert(0, str(SRC))
+
+import numpy as np
+import pytest
+import torch
+
+from saeflow.models import convert_packaged
+
+SEED = 0
+
+
+@pytest.fixture(autouse=True)
+def seed_everything() -> None:
+    """Seed every RNG a test might use, so failures reproduce."""
+    random.seed(SEED)
+    np.random.seed(SEED)
+    torch.manual_seed(SEED)
+
+
+@pytest.fixture(scope="session")
+def packaged_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The packaged SmolLM2 as a float32 Hugging Face folder (converted once, ~30 s).
+
+    Set ``SAEFLOW_TEST_MODEL_DIR`` to a folder made by ``python -m saeflow.models convert`` to
+    reuse it across sessions while iterating; it is converted there if missing.
+    """
+    cached = os.environ.get("SAEFLOW_TEST_MODEL_DIR")
+    if cached:
+        if not (Path(cached) / "config.json").is_file():
+            convert_packaged(cached)
+        return Path(cached)
+    return convert_packaged(tmp_path_factory.mktemp("packaged") / "smollm2-135m")
