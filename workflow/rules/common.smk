@@ -14,7 +14,7 @@ PACKAGED = sorted(m for m, spec in config["models"].items() if spec["path"] == "
 EVAL_CORPUS = config["evaluation"]["corpus"]
 
 
-workdir: os.path.join(REPO, "results")
+workdir: os.path.join(REPO, config["workdir"])
 
 
 def alternation(names):

@@ -1,0 +1,80 @@
+"""Real snakemake, end to end, on config/test.yaml from an empty results directory."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import pandas as pd
+import pytest
+import torch
+import yaml
+from sae_lens import SAE
+
+from saeflow.results import load_acts, load_sae_info
+
+REPO = Path(__file__).resolve().parents[2]
+TEST_CONFIG = yaml.safe_load((REPO / "config/test.yaml").read_text())
+
+pytestmark = pytest.mark.integration
+
+
+def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "snakemake", "-c2", "--configfile", "config/test.yaml",
+           "--config", f"workdir={workdir}", *args]
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory) -> Path:
+    workdir = tmp_path_factory.mktemp("results")
+    run = snakemake(workdir)
+    assert run.returncode == 0, run.stdout[-5000:] + run.stderr[-5000:]
+    return workdir
+
+
+def test_every_sae_beats_the_mean_and_helps_the_model(results):
+    table = pd.read_csv(results / "tables/sae_metrics.csv")
+    assert sorted(table.sae_id) == ["resid2_relu-w1152-l1_2", "resid2_topk-w1152-k16",
+                                    "resid2_topk-w1152-k8"]
+    assert (table.fvu < 1).all() and (table.fvu > 0).all()
+    assert (table.ce_loss_score > 0).all()
+    assert (table.ce_sae < table.ce_ablated).all()
+    topk = table.set_index("sae_id")
+    # a TopK SAE's L0 is exactly its k (ties aside), and more latents reconstruct better
+    assert topk.loc["resid2_topk-w1152-k8", "mean_l0"] == pytest.approx(8, abs=0.05)
+    assert topk.loc["resid2_topk-w1152-k16", "fvu"] < topk.loc["resid2_topk-w1152-k8", "fvu"]
+
+
+def test_outputs_have_consistent_shapes(results):
+    corpus = TEST_CONFIG["corpora"]["news_eval"]
+    n_tokens = corpus["n_seq"] * (corpus["ctx_len"] - 1)
+    with load_acts(results / "acts/smollm2/news_eval/blocks.2.hook_resid_post.h5") as acts, \
+            load_sae_info(results / "sae_eval/resid2_topk-w1152-k8/news_eval.h5") as info:
+        assert acts.acts.shape == (n_tokens, 576)
+        assert info.error.shape == (n_tokens, 576)
+        assert info.l0.shape == info.act_norm.shape == (n_tokens,)
+        assert info.latent_ptr[-1] == len(info.latent_idx) == int(info.l0[:].sum())
+        x = torch.from_numpy(acts.acts[:50])
+        sae = SAE.load_from_disk(str(results / "saes/resid2_topk-w1152-k8"))
+        with torch.no_grad():
+            torch.testing.assert_close(torch.from_numpy(info.error[:50]), sae(x) - x)
+            torch.testing.assert_close(info.latents(slice(0, 50)), sae.encode(x))
+        assert torch.allclose(torch.from_numpy(info.act_norm[:50]), x.norm(dim=-1))
+    with h5py.File(results / "acts/smollm2/news_eval/lm_loss.h5") as loss:
+        assert loss["loss"].shape == (corpus["n_seq"], corpus["ctx_len"] - 1)
+        assert 2.0 < loss["loss"][:].mean() < 6.0  # SmolLM2 on news text: ~3.5 nats
+
+
+def test_metrics_record_provenance(results):
+    metrics = json.loads((results / "sae_eval/resid2_topk-w1152-k8/news_eval.metrics.json").read_text())
+    assert metrics["site"] == "blocks.2.hook_resid_post"
+    assert 0 <= metrics["dead_fraction"] <= 1
+    assert metrics["downstream_tokens"] == 4 * (64 - 2)
+
+
+def test_dry_run_after_a_complete_run_has_nothing_to_do(results):
+    run = snakemake(results, "-n")
+    assert run.returncode == 0, run.stderr
+    assert "Nothing to be done" in run.stdout + run.stderr
