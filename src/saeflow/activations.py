@@ -110,9 +110,10 @@ def cache_activations(
     chunk_tokens: int,
     attrs: dict,
     dtype: str = "float32",
+    device: str = "cpu",
 ) -> None:
     """Cache every site in ``outputs`` ({site: path}) in one pass over the tokens file."""
-    model, _ = load_model(model_path, dtype=dtype)
+    model, _ = load_model(model_path, dtype=dtype, device=device)
     sites = execution_order(list(outputs))
     for site in sites:
         resolve_site(model, site)  # fails on a bad site before any forward pass
@@ -153,12 +154,12 @@ def _stream(traced, model, tokens, sites, files, writer, batch_size, skip) -> No
     progress = tqdm(total=tokens.shape[0] * tokens.shape[1], unit="tok", desc="activations")
     with torch.inference_mode():
         for start, ids in batches(tokens, batch_size):
-            acts = capture_batch(traced, model, ids, sites)
+            acts = capture_batch(traced, model, ids.to(model.device), sites)
             offset = start * kept
             flat_ids = ids[:, skip:].reshape(-1).numpy().astype(np.int32)
             for site in sites:
                 rows = acts[site][:, skip:].reshape(-1, acts[site].shape[-1])
-                writer.put(files[site]["acts"], offset, rows.float().numpy())
+                writer.put(files[site]["acts"], offset, rows.float().cpu().numpy())
                 writer.put(files[site]["tokens"], offset, flat_ids)
             progress.update(ids.numel())
     progress.close()
@@ -172,9 +173,9 @@ def per_token_loss(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
 
 
 def cache_loss(model_path: str, tokens_path: str, out: str, batch_size: int,
-               attrs: dict, dtype: str = "float32") -> None:
+               attrs: dict, dtype: str = "float32", device: str = "cpu") -> None:
     """Write ``loss`` [n_seq, ctx-1] (loss[s, p] predicts token p+1) and ``tokens`` [n_seq, ctx]."""
-    model, _ = load_model(model_path, dtype=dtype)
+    model, _ = load_model(model_path, dtype=dtype, device=device)
     with read_tokens(tokens_path) as tok_file, h5io.atomic_path(out) as tmp:
         tokens = tok_file["tokens"]
         n_seq, ctx = tokens.shape
@@ -184,7 +185,7 @@ def cache_loss(model_path: str, tokens_path: str, out: str, batch_size: int,
             h5io.write_attrs(h5, {**attrs, "n_seq": n_seq, "ctx_len": ctx})
             for start, ids in tqdm(batches(tokens, batch_size), desc="lm loss",
                                    total=-(-n_seq // batch_size), unit="batch"):
-                loss[start : start + len(ids)] = per_token_loss(model, ids).numpy()
+                loss[start : start + len(ids)] = per_token_loss(model, ids.to(model.device)).cpu().numpy()
             h5io.mark_complete(h5)
 
 
@@ -201,6 +202,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         p.add_argument("--model-name", default="", help="recorded in the output attributes")
         p.add_argument("--corpus", default="", help="recorded in the output attributes")
         p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
+        p.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
     cache = sub.choices["cache"]
     cache.add_argument("--site", action="append", required=True, help="e.g. blocks.3.hook_resid_post")
     cache.add_argument("--out", action="append", required=True, help="one output per --site")
@@ -221,9 +223,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.command == "cache":
         outputs = dict(zip(args.site, args.out))
         cache_activations(args.model, args.tokens, outputs, args.batch_size,
-                          args.skip_positions, args.chunk_tokens, attrs, args.dtype)
+                          args.skip_positions, args.chunk_tokens, attrs, args.dtype, args.device)
     else:
-        cache_loss(args.model, args.tokens, args.out, args.batch_size, attrs, args.dtype)
+        cache_loss(args.model, args.tokens, args.out, args.batch_size, attrs, args.dtype,
+                   args.device)
 
 
 if __name__ == "__main__":
