@@ -103,9 +103,9 @@ def open_checked(
             if len(actual) != len(shape) or any(
                 want is not None and want != got for want, got in zip(shape, actual)
             ):
-                want_text = tuple("*" if s is None else s for s in shape)
+                want_text = ", ".join("*" if s is None else str(s) for s in shape)
                 raise InputFileError(
-                    f"{path}: dataset '{name}' has shape {actual}, expected {want_text}"
+                    f"{path}: dataset '{name}' has shape {actual}, expected ({want_text})"
                 )
         for key, want in (attrs or {}).items():
             got = h5.attrs.get(key)
