@@ -90,7 +90,7 @@ class SAELensTrainConfig:
     batch_size: int
     """Tokens per optimisation step."""
     total_tokens: int
-    """Training tokens; the run takes total_tokens // batch_size steps."""
+    """Training tokens; the run takes ceil(total_tokens / batch_size) steps (as saeflow.topk)."""
     seed: int = 0
     """Seeds the weight initialisation and the order of the activation batches."""
     lr: float = 3e-4
@@ -156,6 +156,8 @@ class SAELensTrainConfig:
                 raise ValueError(f"architecture {self.architecture!r} requires {name}")
             if name != knob and value is not None:
                 raise ValueError(f"{name} does not apply to architecture {self.architecture!r}")
+        if self.sparsity_warmup_steps and knob == "k":
+            raise ValueError("sparsity_warmup_steps does not apply to architecture 'batchtopk'")
         if self.normalize_activations not in ("none", "expected_average_only_in"):
             raise ValueError(
                 "normalize_activations must be 'none' or 'expected_average_only_in', "
@@ -165,7 +167,7 @@ class SAELensTrainConfig:
 
     @property
     def total_steps(self) -> int:
-        return self.total_tokens // self.batch_size
+        return -(-self.total_tokens // self.batch_size)
 
 
 def _check_sae_options(architecture: str, options: dict[str, Any]) -> None:

@@ -18,6 +18,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+import torch
+
 from saeflow.h5io import InputFileError, open_checked
 from saeflow.sae_lens_train import SAELensTrainConfig, train_sae_lens
 from saeflow.topk import TopKTrainConfig, train_topk
@@ -51,8 +53,6 @@ ONLY_FOR: dict[str, tuple[str, ...]] = {
     "lr_decay_steps": SAE_LENS,
     "normalize_activations": SAE_LENS,
     "dead_feature_window": SAE_LENS,
-    "log_every_steps": SAE_LENS,
-    "buffer_tokens": SAE_LENS,
     "device": SAE_LENS,
 }
 # SAELens training-config fields passed through as sae_options.
@@ -129,7 +129,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-name", help="model (default: the acts file's 'model')")
     p.add_argument("--dataset", help="corpus (default: the acts file's 'corpus')")
     p.add_argument("--buffer-tokens", type=_positive_int, help="shuffle buffer of the batch stream")
+    p.add_argument("--log-every-steps", type=_positive_int, help="CSV log interval")
     p.add_argument("--device", help="torch device (default: cpu)")
+    p.add_argument(
+        "--threads", type=_positive_int, help="torch CPU threads (pass the rule's {threads})"
+    )
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
     topk = p.add_argument_group("topk only")
     topk.add_argument("--auxk-coef", type=float, help="AuxK loss weight")
@@ -145,7 +149,6 @@ def build_parser() -> argparse.ArgumentParser:
     sl.add_argument(
         "--dead-feature-window", type=_positive_int, help="steps before a latent is dead"
     )
-    sl.add_argument("--log-every-steps", type=_positive_int, help="CSV log interval")
     sl.add_argument("--aux-loss-coefficient", type=float, help="batchtopk: AuxK loss weight")
     sl.add_argument(
         "--topk-threshold-lr", type=_positive_float, help="batchtopk: threshold EMA rate"
@@ -218,6 +221,8 @@ def topk_config(args: argparse.Namespace, info: dict[str, Any]) -> TopKTrainConf
             "dead_tokens_threshold",
             "lr_warmup_steps",
             "checkpoint_every_steps",
+            "log_every_steps",
+            "buffer_tokens",
         ),
     )
 
@@ -272,6 +277,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args.hook_name = args.hook_name or info["site"]
     args.model_name = args.model_name or info["model"]
     args.dataset = args.dataset or info["corpus"]
+    if args.threads is not None:
+        # Torch defaults to one thread per core; beside other jobs that oversubscribes the CPU.
+        torch.set_num_threads(args.threads)
     progress = not args.no_progress
     if args.architecture == "topk":
         summary = train_topk(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,16 @@ def _seed_everything() -> None:
     random.seed(0)
     np.random.seed(0)
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread() -> Iterator[None]:
+    """Tiny shapes run fastest on one thread; two threads on a busy 2-core machine run 10-30x
+    slower (measured), as the threads spin-wait on each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def make_sparse_acts(path: Path, seed: int = 0) -> torch.Tensor:
@@ -149,6 +160,31 @@ def test_saved_folder_matches_in_memory_model(arch: str, acts_file: Path, tmp_pa
         "toy-corpus",
     )
     assert meta["saeflow_training"]["architecture"] == arch
+
+
+@pytest.mark.parametrize("arch", ["batchtopk", "gated"])
+def test_activation_normalisation_is_folded_into_the_weights(
+    arch: str, acts_file: Path, tmp_path: Path
+) -> None:
+    cfg = config(arch, total_tokens=256 * 20, normalize_activations="expected_average_only_in")
+    with (
+        sae_lens_train._batches(acts_file, cfg, cfg.seed) as batches,
+        sae_lens_train._batches(acts_file, cfg, cfg.seed + 1) as norm_batches,
+    ):
+        state = sae_lens_train.fit(cfg, batches, tmp_path / "ckpt", norm_batches, progress=False)
+    scale = state.scaling_factor
+    assert scale is not None and scale > 0
+    x = eval_acts(acts_file)
+    with torch.no_grad():
+        model = to_inference_sae(state.sae)
+        expected_acts, expected_out = model.encode(x * scale), model(x * scale) / scale
+        if arch == "batchtopk":  # latents in units of the decoder norm shrink with the inputs
+            expected_acts = expected_acts / scale
+        sae_lens_train.finalize(state, cfg, None)
+        folded = to_inference_sae(state.sae)
+        torch.testing.assert_close(folded.encode(x), expected_acts, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(folded(x), expected_out, rtol=1e-4, atol=1e-5)
+    assert folded.cfg.normalize_activations == "none"
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -304,7 +340,7 @@ def test_import_rejects_bad_folder_and_offline_release(
 
 
 def cli(acts: Path, tmp_path: Path, *extra: str, width: str = "--d-sae 32") -> list[str]:
-    common = f"--batch-size 256 --tokens 2560 --seed 0 --no-progress {width}".split()
+    common = f"--batch-size 256 --tokens 2560 --seed 0 --threads 1 --no-progress {width}".split()
     paths = ["--acts", str(acts), "--out", str(tmp_path / "sae")]
     return [*paths, "--checkpoint-dir", str(tmp_path / "ckpt"), *common, *extra]
 
