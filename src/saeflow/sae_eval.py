@@ -184,6 +184,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--skip-positions", type=int, default=1, help="leading positions not spliced")
     p.add_argument("--chunk-tokens", type=int, default=4096, help="tokens per encode chunk")
     p.add_argument("--sae-id", default="", help="recorded in the outputs")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
     s = sub.add_parser("summarize", help="collect metrics files into one CSV table")
     s.add_argument("--metrics", nargs="+", required=True, help="metrics files")
     s.add_argument("--out", required=True, help="CSV table")
@@ -205,6 +206,8 @@ def evaluate(args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = _parse_args(argv)
+    if getattr(args, "threads", 0):
+        torch.set_num_threads(args.threads)
     if args.command == "evaluate":
         evaluate(args)
     else:

@@ -47,7 +47,8 @@ for _model in config["models"]:
             "python -m saeflow.activations cache --model {params.model} --tokens {input.tokens}"
             " {params.sites} --batch-size {params.batch_size} --dtype {params.dtype}"
             " --skip-positions {params.skip} --chunk-tokens {params.chunk}"
-            " --model-name {wildcards.model} --corpus {wildcards.corpus} > {log} 2>&1"
+            " --model-name {wildcards.model} --corpus {wildcards.corpus} --threads {threads}"
+            " > {log} 2>&1"
 
 
 rule lm_loss:
@@ -72,4 +73,5 @@ rule lm_loss:
     shell:
         "python -m saeflow.activations loss --model {params.model} --tokens {input.tokens}"
         " --out {output.loss} --batch-size {params.batch_size} --dtype {params.dtype}"
-        " --model-name {wildcards.model} --corpus {wildcards.corpus} > {log} 2>&1"
+        " --model-name {wildcards.model} --corpus {wildcards.corpus} --threads {threads}"
+        " > {log} 2>&1"

@@ -40,7 +40,8 @@ rule evaluate_sae:
         " --model {params.model} --tokens {input.tokens} --site {params.site}"
         " --out {output.info} --metrics {output.metrics} --sae-id {wildcards.sae_id}"
         " --downstream-seqs {params.downstream_seqs} --batch-size {params.batch_size}"
-        " --skip-positions {params.skip} --chunk-tokens {params.chunk} > {log} 2>&1"
+        " --skip-positions {params.skip} --chunk-tokens {params.chunk} --threads {threads}"
+        " > {log} 2>&1"
 
 
 rule summarize_saes:
