@@ -34,6 +34,7 @@ for _model in config["models"]:
             batch_size=config["activations"]["batch_size"],
             skip=config["activations"]["skip_positions"],
             chunk=config["activations"]["chunk_tokens"],
+            code=code_version("activations"),
         log:
             "logs/cache_activations/{model}/{corpus}.log",
         benchmark:
@@ -61,6 +62,7 @@ rule lm_loss:
         model=model_path_param,
         batch_size=config["activations"]["batch_size"],
         dtype=model_dtype,
+        code=code_version("activations", "metrics"),
     log:
         "logs/lm_loss/{model}/{corpus}.log",
     benchmark:

@@ -1,6 +1,10 @@
 # Helpers shared by the rule files: named functions only (no lambdas in rules).
+import hashlib
+import importlib.util
 import os
 import re
+
+from snakemake.exceptions import WorkflowError
 
 from saeflow.config import check, sae_table, sites_to_cache
 
@@ -15,6 +19,24 @@ EVAL_CORPUS = config["evaluation"]["corpus"]
 
 
 workdir: os.path.join(REPO, config["workdir"])
+
+
+def code_version(*modules):
+    """Content hash of the saeflow modules a rule runs, given to the rule as ``params.code``.
+
+    Snakemake reruns a job when its params change, so editing one of these modules reruns
+    exactly the jobs of the rules that list it; touching a file, moving the checkout or
+    reinstalling the package changes nothing. Each rule lists its stage module and the library
+    modules that hold its math; shared helpers (h5io, models) are left out on purpose.
+    """
+    digest = hashlib.sha256()
+    for module in modules:
+        spec = importlib.util.find_spec(f"saeflow.{module}")
+        if spec is None or spec.origin is None:
+            raise WorkflowError(f"code_version: no module saeflow.{module}")
+        with open(spec.origin, "rb") as f:
+            digest.update(module.encode() + b"\0" + f.read())
+    return digest.hexdigest()[:16]
 
 
 def alternation(names):

@@ -27,6 +27,7 @@ rule tokenize:
         tokens="data/tokens/{corpus}.h5",
     params:
         args=corpus_args,
+        code=code_version("data"),
     log:
         "logs/tokenize/{corpus}.log",
     benchmark:

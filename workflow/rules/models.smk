@@ -6,6 +6,8 @@ rule convert_model:
         config="resources/models/{model}/config.json",
     wildcard_constraints:
         model=alternation(PACKAGED),
+    params:
+        code=code_version("models"),
     log:
         "logs/convert_model/{model}.log",
     resources:

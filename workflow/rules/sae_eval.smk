@@ -26,6 +26,7 @@ rule evaluate_sae:
         batch_size=config["evaluation"]["batch_size"],
         chunk=config["evaluation"]["chunk_tokens"],
         skip=config["activations"]["skip_positions"],
+        code=code_version("sae_eval", "metrics", "saes"),
     log:
         "logs/evaluate_sae/{sae_id}/{corpus}.log",
     benchmark:
@@ -49,6 +50,8 @@ rule summarize_saes:
         metrics=all_metrics,
     output:
         table="tables/sae_metrics.csv",
+    params:
+        code=code_version("sae_eval"),
     log:
         "logs/summarize_saes/summary.log",
     shell:

@@ -35,6 +35,7 @@ rule train_sae:
         args=train_args,
         site=sae_site,
         model=sae_model,
+        code=code_version("train", "topk", "sae_lens_train", "batches"),
     log:
         "logs/train_sae/{sae_id}.log",
     benchmark:
@@ -58,6 +59,7 @@ rule import_sae:
         sae_id=alternation(PRETRAINED),
     params:
         args=import_args,
+        code=code_version("saes"),
     log:
         "logs/import_sae/{sae_id}.log",
     resources:
