@@ -246,88 +246,130 @@ def loss_and_grads(
     """
     xc = x - params.b_dec  # (B, d)
     pre = torch.addmm(params.b_enc, xc, params.W_enc, out=pre_out)  # (B, m), the dense GEMM
-    vals, idx = pre.topk(k, dim=1, sorted=False)  # (B, k)
+    vals, idx = topk_rows(pre, k)  # (B, k)
     acts = vals.relu()
     recon = F.embedding_bag(idx, params.W_dec, per_sample_weights=acts, mode="sum")
     err = recon.add_(params.b_dec).sub_(x)  # x_hat - x
     variance = (x - x.mean(0)).pow(2).sum().clamp_min(torch.finfo(x.dtype).tiny)
     fvu = err.pow(2).sum() / variance
-    d_out = [err * (2.0 / variance)]  # dL/dx_hat per token
-    sel_vals, sel_idx, sel_acts = [vals], [idx], [acts]
+    d_recon = err * (2.0 / variance)  # dL/dx_hat
+    grads = _sparse_backward(params, xc, d_recon, vals, idx, acts, grads_out)
     auxk_loss = fvu.new_zeros(())
-    aux = None if dead_mask is None else _select_dead(pre, dead_mask, k_aux)
-    if aux is not None:
-        aux_vals, aux_idx, scale = aux
-        aux_acts = aux_vals.relu()
-        aux_err = F.embedding_bag(aux_idx, params.W_dec, per_sample_weights=aux_acts, mode="sum")
-        aux_err += err  # e_aux - (x - x_hat); the target is detached
-        auxk_loss = scale * aux_err.pow(2).sum() / variance
-        d_out.append(aux_err * (2.0 * auxk_coef * scale / variance))
-        sel_vals.append(aux_vals), sel_idx.append(aux_idx), sel_acts.append(aux_acts)
-    grads = _sparse_backward(params, xc, d_out, sel_vals, sel_idx, sel_acts, grads_out)
+    if dead_mask is not None and k_aux > 0 and bool(dead_mask.any()):
+        auxk_loss = _auxk_dense(params, xc, err, pre, dead_mask, k_aux, auxk_coef, variance, grads)
+    # b_dec's gradient through the encoder input: sum_t dL/dxc_t = W_enc @ sum_t dL/dpre_t
+    torch.addmv(d_recon.sum(0), params.W_enc, grads.b_enc, alpha=-1.0, out=grads.b_dec)
     return StepResult(grads, fvu + auxk_coef * auxk_loss, fvu, auxk_loss, TopKCodes(acts, idx))
 
 
-def _select_dead(pre: Tensor, dead_mask: Tensor, k_aux: int) -> tuple[Tensor, Tensor, float] | None:
-    """The top min(k_aux, n_dead) pre-activations among dead latents, and the AuxK scale."""
-    dead = dead_mask.nonzero().squeeze(1)
-    if dead.numel() == 0 or k_aux < 1:
-        return None
-    k_eff = min(k_aux, dead.numel())
-    vals, j = pre.index_select(1, dead).topk(k_eff, dim=1, sorted=False)
-    return vals, dead[j], min(dead.numel() / k_aux, 1.0)
+def topk_rows(pre: Tensor, k: int, group: int = 32) -> tuple[Tensor, Tensor]:
+    """``pre.topk(k, dim=1, sorted=False)`` of a (B, m) matrix, about 2x faster on CPU for m >> k.
+
+    Exact: cut each row into groups of ``group``; tau, the k-th largest group maximum, is at most
+    the row's k-th largest entry, and every entry >= tau lies in one of the k groups whose maxima
+    reach tau. So the top k are among the >= tau entries of those k groups (about k + 2 of them
+    for SAE pre-activations), which are packed into short rows for the final topk. This skips
+    torch.topk's per-row copy and partial sort of all m entries. Ties at the k-th value may pick
+    other (equal) entries than torch.topk. Falls back to torch.topk off-CPU, for small m, or NaNs.
+    """
+    B, m = pre.shape
+    n_groups = m // group
+    if pre.device.type != "cpu" or m % group or n_groups < 2 * k:
+        return pre.topk(k, dim=1, sorted=False)
+    groups = pre.view(B * n_groups, group)
+    top = groups.amax(1).view(B, n_groups).topk(k, dim=1, sorted=False)
+    tau = top.values.amin(1, keepdim=True)  # (B, 1)
+    gid = top.indices + torch.arange(0, B * n_groups, n_groups).unsqueeze(1)  # (B, k) flat ids
+    cand = groups.index_select(0, gid.view(-1)).view(B, k * group)
+    rows, cols = (cand >= tau).nonzero(as_tuple=True)  # row-major, so grouped by row
+    counts = torch.bincount(rows, minlength=B)
+    if rows.numel() == 0 or int(counts.min()) < k:  # NaNs: let torch.topk decide
+        return pre.topk(k, dim=1, sorted=False)
+    slot = torch.arange(rows.numel()) - (counts.cumsum(0) - counts)[rows]
+    packed = pre.new_full((B, int(counts.max())), -torch.inf)
+    packed[rows, slot] = cand[rows, cols]
+    latent = torch.zeros(packed.shape, dtype=torch.int64)
+    latent[rows, slot] = top.indices[rows, cols.div(group, rounding_mode="floor")] * group
+    latent[rows, slot] += cols.remainder(group)
+    vals, j = packed.topk(k, dim=1, sorted=False)
+    return vals, latent.gather(1, j)
 
 
 def _sparse_backward(
     params: TopKParams,
     xc: Tensor,
-    d_out: list[Tensor],
-    sel_vals: list[Tensor],
-    sel_idx: list[Tensor],
-    sel_acts: list[Tensor],
+    d_recon: Tensor,
+    vals: Tensor,
+    idx: Tensor,
+    acts: Tensor,
     out: TopKParams | None,
 ) -> TopKParams:
-    """Gradients from the selected (token, latent) pairs of each decoder pass.
+    """Gradients of the main term from the B*k selected (token t, latent j) pairs.
 
-    Pass p (main, then AuxK) decodes ``sel_acts[p]`` at ``sel_idx[p]`` and has output gradient
-    ``d_out[p]`` (B, d). For a selected pair (t, j) of pass p:
-    ``dL/dz_tj = d_out[p]_t . W_dec[j]`` and ``dL/dpre_tj = dL/dz_tj * (pre_tj > 0)``;
-    then ``dW_dec[j] += z_tj d_out[p]_t``, ``dW_enc[:, j] += dL/dpre_tj xc_t``,
-    ``db_enc[j] += dL/dpre_tj`` and ``db_dec = sum_t d_out[0]_t - W_enc @ db_enc``.
+    ``dL/dz_tj = d_recon_t . W_dec[j]`` and ``dL/dpre_tj = dL/dz_tj * (pre_tj > 0)``; then
+    ``dW_dec[j] = sum_t z_tj d_recon_t``, ``dW_enc[:, j] = sum_t dL/dpre_tj xc_t`` and
+    ``db_enc[j] = sum_t dL/dpre_tj``. ``out.b_dec`` is left for the caller.
     """
-    B, m, dev = xc.shape[0], params.W_dec.shape[0], xc.device
-    widths = [i.shape[1] for i in sel_idx]
-    flat_idx = torch.cat([i.reshape(-1) for i in sel_idx])
-    # dL/dz for every pair: rows of the stacked passes' output gradients dotted with W_dec rows
-    row_starts = [
-        torch.arange(0, B * w, w, device=dev) + sum(B * v for v in widths[:p])
-        for p, w in enumerate(widths)
-    ]
-    crow = torch.cat([*row_starts, flat_idx.new_tensor([flat_idx.numel()])])
-    pattern = _csr(
-        crow, flat_idx, torch.cat([a.reshape(-1) for a in sel_acts]), (B * len(widths), m)
-    )
-    d_rows = torch.cat(d_out) if len(d_out) > 1 else d_out[0]
-    dz = torch.sparse.sampled_addmm(pattern, d_rows, params.W_dec.t(), beta=0.0).values()
-    dpre = dz * (torch.cat([v.reshape(-1) for v in sel_vals]) > 0)
-    # transpose the pairs to latent-major (CSR over latents) for the two weight gradients
-    order = flat_idx.argsort(stable=True)
-    crow_m = torch.zeros(m + 1, dtype=torch.int64, device=dev)
-    torch.cumsum(torch.bincount(flat_idx, minlength=m), 0, out=crow_m[1:])
-    rows = torch.arange(B, device=dev)
-    token = torch.cat([rows.repeat_interleave(w) for w in widths])[order]
-    stacked = torch.cat([rows.repeat_interleave(w) + p * B for p, w in enumerate(widths)])
+    (B, k), m, dev = idx.shape, params.W_dec.shape[0], xc.device
     if out is None:
         d, new = xc.shape[1], partial(torch.empty, dtype=xc.dtype, device=dev)
         out = TopKParams(new(m, d).t(), new(m), new(m, d), new(d))
-    dW_encT = out.W_enc.t()  # (m, d) like W_enc's storage
+    flat = idx.reshape(-1)
+    # dL/dz: a sampled dense-dense product on the token-major pattern (B, m) with k per row
+    pattern = _csr(torch.arange(0, B * k + 1, k, device=dev), flat, acts.reshape(-1), (B, m))
+    dz = torch.sparse.sampled_addmm(pattern, d_recon, params.W_dec.t(), beta=0.0).values()
+    dpre = dz.mul_(vals.reshape(-1) > 0)
+    # the same pairs latent-major, as CSR (m, B), for the two weight gradients
+    order = flat.argsort(stable=True)
+    crow = torch.zeros(m + 1, dtype=torch.int64, device=dev)
+    torch.cumsum(torch.bincount(flat, minlength=m), 0, out=crow[1:])
+    token = order.div(k, rounding_mode="floor")
+    dW_encT = out.W_enc.t()  # (m, d), like W_enc's storage
     # addmm(beta=0, out=...) writes the sparse products straight into the gradient buffers
-    a_t = _csr(crow_m, stacked[order], pattern.values()[order], (m, B * len(widths)))
-    torch.addmm(out.W_dec, a_t, d_rows, beta=0.0, out=out.W_dec)
-    torch.addmm(dW_encT, _csr(crow_m, token, dpre[order], (m, B)), xc, beta=0.0, out=dW_encT)
-    out.b_enc.zero_().index_add_(0, flat_idx, dpre)
-    torch.addmv(d_out[0].sum(0), params.W_enc, out.b_enc, alpha=-1.0, out=out.b_dec)
+    torch.addmm(
+        out.W_dec,
+        _csr(crow, token, acts.reshape(-1)[order], (m, B)),
+        d_recon,
+        beta=0.0,
+        out=out.W_dec,
+    )
+    torch.addmm(dW_encT, _csr(crow, token, dpre[order], (m, B)), xc, beta=0.0, out=dW_encT)
+    out.b_enc.zero_().index_add_(0, flat, dpre)
     return out
+
+
+def _auxk_dense(
+    params: TopKParams,
+    xc: Tensor,
+    err: Tensor,
+    pre: Tensor,
+    dead_mask: Tensor,
+    k_aux: int,
+    auxk_coef: float,
+    variance: Tensor,
+    grads: TopKParams,
+) -> Tensor:
+    """AuxK loss (scale included, auxk_coef not) from the dead latents; adds its gradients
+    into ``grads``.
+
+    Works densely on the dead latents' columns (B, n_dead): GEMMs there beat sparse products
+    over B * k_aux pairs while fewer than ~6 k_aux latents are dead, and AuxK keeps it so.
+    """
+    dead = dead_mask.nonzero().squeeze(1)
+    k_eff = min(k_aux, dead.numel())
+    scale = min(dead.numel() / k_aux, 1.0)  # Gao et al., Appendix B.1
+    pre_dead = pre.index_select(1, dead)  # (B, n_dead)
+    vals, j = pre_dead.topk(k_eff, dim=1, sorted=False)
+    z = torch.zeros_like(pre_dead).scatter_(1, j, vals.relu())
+    W_dead = params.W_dec.index_select(0, dead)  # (n_dead, d)
+    aux_err = torch.addmm(err, z, W_dead)  # e_aux - (x - x_hat); the target is detached
+    loss = scale * aux_err.pow(2).sum() / variance
+    d_aux = aux_err.mul_(2.0 * auxk_coef * scale / variance)  # dL/de_aux
+    dpre = (d_aux @ W_dead.t()).mul_(z > 0)  # (B, n_dead)
+    grads.W_dec.index_add_(0, dead, z.t() @ d_aux)
+    grads.W_enc.t().index_add_(0, dead, dpre.t() @ xc)
+    grads.b_enc.index_add_(0, dead, dpre.sum(0))
+    return loss
 
 
 def _csr(crow: Tensor, col: Tensor, values: Tensor, shape: tuple[int, int]) -> Tensor:
@@ -587,6 +629,7 @@ def _resume(path: Path, cfg: TopKTrainConfig, batches: ActivationBatches) -> Tra
     state.load_state_dict(payload["state"])
     batches.load_state_dict(payload["batches"])
     torch.set_rng_state(payload["torch_rng"].cpu())
+    print(f"{path}: resuming from the checkpoint at step {state.step}", file=sys.stderr)
     return state
 
 

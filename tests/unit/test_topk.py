@@ -26,6 +26,7 @@ from saeflow.topk import (
     init_state,
     load_topk,
     loss_and_grads,
+    topk_rows,
     train_step,
     train_topk,
 )
@@ -115,6 +116,26 @@ def test_manual_gradients_equal_autograd_float64(n_dead: int) -> None:
         assert leaf.grad is not None
         rel = float((mine - leaf.grad).norm() / leaf.grad.norm())
         assert rel < 1e-10, f"d{name}: relative error {rel:.2e}"
+
+
+@pytest.mark.parametrize("shape", [(512, 9216, 32), (300, 1280, 32), (9, 640, 5), (50, 96, 8)])
+def test_topk_rows_selects_the_top_k(shape: tuple[int, int, int]) -> None:
+    B, m, k = shape
+    pre = torch.randn(B, m) * torch.rand(B, 1) * 3  # rows on different scales
+    vals, idx = topk_rows(pre, k)
+    ref_idx = pre.topk(k, dim=1).indices
+    assert torch.equal(idx.sort(dim=1).values, ref_idx.sort(dim=1).values)
+    assert torch.equal(pre.gather(1, idx), vals)
+
+
+def test_topk_rows_with_ties_and_nans() -> None:
+    pre = torch.randn(64, 1280).round()  # many exact ties at the k-th value
+    vals, idx = topk_rows(pre, 32)
+    assert torch.equal(vals.sort(dim=1).values, pre.topk(32, dim=1).values.sort(dim=1).values)
+    assert torch.equal(pre.gather(1, idx), vals)
+    assert (idx.sort(dim=1).values.diff(dim=1) > 0).all(), "an entry was picked twice"
+    pre[3, 5] = float("nan")  # falls back to torch.topk's NaN ordering
+    assert torch.equal(topk_rows(pre, 32)[1], pre.topk(32, dim=1, sorted=False)[1])
 
 
 # ---------------------------------------------------------------------- toy model training
