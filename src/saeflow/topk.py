@@ -16,13 +16,16 @@ where ``e_aux`` decodes (without ``b_dec``) the ``k_aux`` largest pre-activation
 latents, the AuxK loss of Gao et al. (Appendix A.2; ``k_aux = d_in / 2`` and the scale
 ``min(n_dead / k_aux, 1)`` follow Appendix B.1 and sparsify).
 
-Speed. Training is the dense encoder GEMM plus work that is O(k) per token, because the backward
-pass is written by hand (:func:`loss_and_grads`) instead of going through autograd: the decoder
-is an ``embedding_bag`` over the k selected rows; the latent gradients are a sampled dense-dense
-product (``torch.sparse.sampled_addmm``); ``dW_dec`` and ``dW_enc`` are sparse-dense products over
-the selected (token, latent) pairs only; and ``b_dec``'s gradient through the encoder input is one
-GEMV, ``-W_enc @ db_enc``, since ``sum_t dL/dx_t = W_enc @ sum_t dL/dpre_t``. Nothing ``(B, m)``
-is written besides the pre-activations.
+Speed. A step is the dense encoder GEMM (2·d·m FLOPs per token, the floor) plus work that is
+O(k·d) per token, because the backward pass is written by hand (:func:`loss_and_grads`) instead
+of going through autograd: an exact row top-k that does not sort whole rows (:func:`topk_rows`);
+an ``embedding_bag`` decoder over the k selected rows; the latent gradients as a sampled
+dense-dense product (``torch.sparse.sampled_addmm``); ``dW_dec`` and ``dW_enc`` as CSR
+sparse-dense products over the selected (token, latent) pairs, written into persistent gradient
+buffers; and ``b_dec``'s gradient through the encoder input as one GEMV: with ``xc = x - b_dec``,
+``sum_t dL/dxc_t = W_enc @ sum_t dL/dpre_t = W_enc @ db_enc``, so
+``db_dec = sum_t dL/dx_hat_t - W_enc @ db_enc``. Nothing (B, m) is written besides the
+pre-activations; AuxK works on the dead latents' columns only. Adam is torch's fused kernel.
 
 Files: :func:`train_topk` writes the SAELens on-disk layout (``cfg.json`` +
 ``sae_weights.safetensors``), so ``sae_lens.SAE.load_from_disk`` gives a ``TopKSAE`` whose
@@ -578,7 +581,8 @@ class _CsvLog:
         rows: list[dict[str, Any]] = []
         if keep_through_step > 0 and path.exists():
             with path.open(newline="") as f:
-                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= keep_through_step]
+                rows = [_numbers(r) for r in csv.DictReader(f)]
+            rows = [r for r in rows if r["step"] <= keep_through_step]
         self.last: dict[str, Any] | None = rows[-1] if rows else None
         with atomic_path(path) as tmp, tmp.open("w", newline="") as f:
             writer = csv.DictWriter(f, LOG_COLUMNS)
@@ -589,6 +593,10 @@ class _CsvLog:
         with self.path.open("a", newline="") as f:
             csv.DictWriter(f, LOG_COLUMNS).writerow(row)
         self.last = row
+
+
+def _numbers(row: dict[str, str]) -> dict[str, Any]:
+    return {key: int(v) if key in ("step", "tokens") else float(v) for key, v in row.items()}
 
 
 def _resume_key(cfg: TopKTrainConfig) -> dict[str, Any]:
@@ -677,10 +685,8 @@ def save_topk(
 ) -> Path:
     """Write ``out_dir`` (cfg.json + sae_weights.safetensors) atomically; returns its path."""
     weights = {
-        "W_enc": params.W_enc.float().contiguous(),
-        "b_enc": params.b_enc.float().contiguous(),
-        "W_dec": params.W_dec.float().contiguous(),
-        "b_dec": params.b_dec.float().contiguous(),
+        name: getattr(params, name).detach().float().cpu().contiguous()
+        for name in ("W_enc", "b_enc", "W_dec", "b_dec")
     }
     with atomic_path(out_dir) as tmp:
         tmp.mkdir()
