@@ -539,7 +539,8 @@ def _run(
         if state.step % cfg.checkpoint_every_steps == 0 or state.step == end < cfg.total_steps:
             save_checkpoint(ckpt, state, batches, cfg)
     bar.close()
-    return {"steps": state.step, "tokens": state.step * cfg.batch_size, **(log.last or {})}
+    last = {key: v for key, v in (log.last or {}).items() if key != "step"}
+    return {"steps": state.step, **last, "tokens": state.step * cfg.batch_size}
 
 
 class _Meter:
