@@ -20,6 +20,8 @@ include: "workflow/rules/data.smk"
 include: "workflow/rules/activations.smk"
 include: "workflow/rules/saes.smk"
 include: "workflow/rules/sae_eval.smk"
+include: "workflow/rules/dark_matter.smk"
+include: "workflow/rules/figures.smk"
 
 
 rule all:

@@ -60,6 +60,28 @@ def check(config: dict) -> None:
         if "path" not in sae and not ("release" in sae and "sae_id" in sae):
             raise ConfigError(f"{key}: 'release' and 'sae_id' go together")
     _need(config, "corpora", config["evaluation"]["corpus"], "evaluation.corpus")
+    _check_dark_matter(config)
+
+
+def _check_dark_matter(config: dict) -> None:
+    """The Dark Matter family must sweep k (topk, batchtopk) over at least 3 widths."""
+    name = config.get("dark_matter", {}).get("family")
+    if name is None:
+        return
+    _need(config, "sae_families", name, "dark_matter.family")
+    family = config["sae_families"][name]
+    if family["architecture"] not in ("topk", "batchtopk"):
+        raise ConfigError(
+            f"dark_matter.family: family '{name}' is {family['architecture']}; the scaling "
+            "figures sweep k, so it must be topk or batchtopk"
+        )
+    widths = family.get("widths", family.get("expansion_factors", []))
+    widths = widths if isinstance(widths, list) else [widths]
+    if len(set(widths)) < 3:
+        raise ConfigError(
+            f"dark_matter.family: family '{name}' has {len(set(widths))} width(s); the power "
+            "law FVU = c + a·W^(-m) needs at least 3"
+        )
 
 
 def sae_table(config: dict) -> dict[str, dict[str, Any]]:

@@ -37,7 +37,9 @@ def results(tmp_path_factory) -> Path:
 def test_every_sae_beats_the_mean_and_helps_the_model(results):
     table = pd.read_csv(results / "tables/sae_metrics.csv")
     assert sorted(table.sae_id) == ["resid2_relu-w1152-l1_2", "resid2_topk-w1152-k16",
-                                    "resid2_topk-w1152-k8"]
+                                    "resid2_topk-w1152-k8", "resid2_topk-w288-k16",
+                                    "resid2_topk-w288-k8", "resid2_topk-w576-k16",
+                                    "resid2_topk-w576-k8"]
     assert (table.fvu < 1).all() and (table.fvu > 0).all()
     assert (table.ce_loss_score > 0).all()
     assert (table.ce_sae < table.ce_ablated).all()
@@ -78,3 +80,24 @@ def test_dry_run_after_a_complete_run_has_nothing_to_do(results):
     run = snakemake(results, "-n")
     assert run.returncode == 0, run.stderr
     assert "Nothing to be done" in run.stdout + run.stderr
+
+
+def test_dark_matter_tables_and_plots(results):
+    family = TEST_CONFIG["sae_families"][TEST_CONFIG["dark_matter"]["family"]]
+    grid = sorted((w, k) for w in family["widths"] for k in family["k"])
+    saes = pd.read_csv(results / "tables/dark_matter_saes.csv")
+    assert sorted(zip(saes.width, saes.k)) == grid
+    assert ((saes.fvu_pursuit > 0) & (saes.fvu_pursuit < 1)).all()
+    assert (saes.pursuit_rows == saes.n_tokens).all()  # pursuit_tokens covers the test corpus
+    fits = pd.read_csv(results / "tables/dark_matter_power_laws.csv")
+    assert len(fits) == 3 * len(family["k"]) and fits[["a", "m", "c"]].notna().all().all()
+    fig1 = pd.read_csv(results / "tables/figure1.csv")
+    assert set(fig1.k) == {16} and sorted(fig1[fig1.measured].width) == family["widths"]
+    bands = ["absent_features", "linear_error", "encoder_error", "nonlinear_error"]
+    assert fig1[bands].sum(axis=1).to_numpy() == pytest.approx(fig1.total_fvu.to_numpy())
+    fig2 = pd.read_csv(results / "tables/figure2.csv")
+    assert (fig2.kind == "measured").sum() == 2 * len(grid)
+    for n in (3, 4):
+        assert len(pd.read_csv(results / f"tables/figure{n}.csv")) == len(grid)
+    for n in (1, 2, 3, 4):
+        assert (results / f"plots/figure{n}.pdf").read_bytes().startswith(b"%PDF")

@@ -77,7 +77,7 @@ def test_families_expand_to_targets_and_sites():
     config = _load()
     table = sae_table(config)
     topk = sorted(i for i, s in table.items() if s["family"] == "resid6_topk")
-    assert len(topk) == 4  # 2 widths x 2 k
+    assert len(topk) == 6  # 3 widths x 2 k
     assert sites_to_cache(config, "smollm2") == [
         "blocks.6.hook_attn_out", "blocks.6.hook_mlp_out", "blocks.6.hook_resid_post"]
     pretrained = copy.deepcopy(config)

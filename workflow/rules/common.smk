@@ -86,6 +86,8 @@ def all_targets():
     targets.append("tables/sae_metrics.csv")
     if config["activations"]["lm_loss"]:
         targets += [f"acts/{model}/{EVAL_CORPUS}/lm_loss.h5" for model in config["models"]]
+    if config["dark_matter"]["family"]:
+        targets += [f"plots/figure{n}.pdf" for n in (1, 2, 3, 4)]
     return targets
 
 

@@ -1,0 +1,324 @@
+"""Stage: width × k scaling of an SAE family's error, as the tables behind Figures 1–4.
+
+``python -m saeflow.dark_matter.scaling collect --sae-ids ID... --sae-cfg C... --eval-metrics E...
+--split-metrics S... --pursuit P... --saes-out tables/dark_matter_saes.csv
+--fits-out tables/dark_matter_power_laws.csv [--n-boot 200] [--seed 0]``
+
+``python -m saeflow.dark_matter.scaling figure --figure N --saes tables/dark_matter_saes.csv
+--fits tables/dark_matter_power_laws.csv --out tables/figureN.csv [--headline-l0 32]
+[--extrapolate 4] [--points 60]``
+
+``collect`` joins, per SAE of the family, its evaluation metrics (``sae_eval``), its error-split
+metrics (``error_split``) and its pursuit metrics (``encoder_pursuit``), reading the width and k
+from the SAE's own ``cfg.json``; then fits FVU(W) = c + a·W^(-m) per k with
+:func:`~saeflow.dark_matter.power_law.fit_power_law` (residual-bootstrap uncertainty) to the FVU,
+the nonlinear FVU and the pursuit FVU. ``figure`` writes one figure's table from those two.
+
+Figure mapping. The Dark Matter README builds "Figures 1–6, 10a, 11, 12" from two scripts without
+saying which file is which figure, and the numbering differs between arXiv v1, v2 and TMLR.
+saeflow's ``plots/figureN.pdf`` are:
+
+========  ======================================================  ==============================
+saeflow   what it shows                                           original file (sae_power_laws)
+========  ======================================================  ==============================
+Figure 1  headline decomposition of FVU vs width at the family's  scaling_filled_with_zoom_
+          k closest to ``headline_l0``: absent features, linear   combined.pdf
+          error, encoder error, nonlinear error (stacked)
+Figure 2  FVU and nonlinear FVU vs width, power-law fit per k     sae_power_law_fit_60.pdf (one
+                                                                  L0 there, every k here)
+Figure 3  R² of predicting the error vector and its squared norm  sae_power_law_contours_{vec,
+          from x, over width × k                                  norm}.pdf
+Figure 4  nonlinear FVU over width × k                            sae_power_law_contour.pdf
+========  ======================================================  ==============================
+
+Figure 1 bands, as the original draws them (``fill_between`` of the power-law curve, c, the mean
+nonlinear FVU N̄ and the pursuit nonlinear FVU P(W)), at each width W of the headline k::
+
+    absent features = PL(W) - c        (PL(W) = c + a·W^(-m), the fitted FVU)
+    linear error    = c - N̄            (N̄ = mean over widths of the nonlinear FVU)
+    encoder error   = N̄ - P(W)
+    nonlinear error = P(W)
+
+so the four bands add up to PL(W) at every width. P(W) is interpolated linearly in log W between
+measured widths and held at the last measured value beyond them (as the original). When pursuit
+runs on a subset of the evaluation rows (``pursuit_tokens``), its regression has fewer fit rows
+than the error split's, which alone raises held-out FVU; so P(W) is the SAE's nonlinear FVU minus
+the improvement pursuit brings on the subset, both nonlinear FVUs of that difference taken on the
+same rows with the same fit rows (``fvu_nonlinear_pursuit``; the raw subset value is
+``fvu_nonlinear_pursuit_rows``; they are equal when pursuit covers every row). A band that
+comes out negative (c < N̄ or P(W) > N̄: too few widths or tokens for the fit to separate them)
+is kept signed and flagged in the ``note`` column rather than clipped.
+
+Nonlinear FVUs are scored on held-out rows (the original scored them on all rows, its fitting rows
+included). The fraction of the error that is linearly predictable is
+``linear_predictable_fraction`` = 1 - FVU_nonlinear / FVU on those rows: the share of Σ‖SaeError‖²
+that adding the linear prediction removes. (``linear_norm_fraction`` = Σ‖linear‖² / Σ‖SaeError‖²
+equals it for an exact fit but exceeds it, even past 1, when the regression overfits.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from saeflow import h5io
+from saeflow.dark_matter.power_law import fit_power_law, power_law
+
+FIT_QUANTITIES = ("fvu", "fvu_nonlinear", "fvu_pursuit")
+FIGURES = (1, 2, 3, 4)
+MIN_WIDTHS = 3  # a + c + m: three parameters
+
+
+class ScalingInputError(ValueError):
+    """Per-SAE inputs that do not belong together; the message names the file."""
+
+
+# ---------------------------------------------------------------- collect
+
+
+def _load_json(path: str | Path) -> dict[str, Any]:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ScalingInputError(f"{path}: cannot read JSON ({err})") from err
+
+
+def _need(record: dict[str, Any], keys: Sequence[str], path: str | Path) -> None:
+    missing = [k for k in keys if k not in record]
+    if missing:
+        raise ScalingInputError(f"{path}: missing keys {missing}")
+
+
+def sae_row(sae_id: str, cfg_path: str, eval_path: str, split_path: str,
+            pursuit_path: str) -> dict[str, Any]:
+    """One SAE's row of the scaling table, from its four input files (checked to match)."""
+    cfg, ev, split, pursuit = (_load_json(p) for p in (cfg_path, eval_path, split_path,
+                                                        pursuit_path))
+    _need(cfg, ["d_sae", "k"], cfg_path)
+    _need(ev, ["fvu", "mean_l0", "n_tokens"], eval_path)
+    _need(split, ["fvu_nonlinear", "fvu_sae", "r2_mean", "r2_pooled", "norm_r2",
+                  "linear_norm_fraction", "nonlinear_norm_fraction", "n_test", "seed",
+                  "test_fraction"], split_path)
+    _need(pursuit, ["fvu_pursuit", "fvu_nonlinear_pursuit", "fvu_nonlinear_sae", "fvu_sae",
+                    "seed", "test_fraction", "n_rows", "pursuit_worse_fraction"], pursuit_path)
+    for path, record in [(eval_path, ev), (split_path, split), (pursuit_path, pursuit)]:
+        if record.get("sae_id", sae_id) != sae_id:
+            raise ScalingInputError(f"{path}: made for SAE {record['sae_id']!r}, not {sae_id!r}")
+    for key in ("seed", "test_fraction"):
+        if split[key] != pursuit[key]:
+            raise ScalingInputError(f"{pursuit_path}: {key} {pursuit[key]!r} differs from the "
+                                    f"error split's {split[key]!r} ({split_path})")
+    return {
+        "sae_id": sae_id, "width": int(cfg["d_sae"]), "k": int(cfg["k"]),
+        "mean_l0": ev["mean_l0"], "fvu": ev["fvu"], "n_tokens": ev["n_tokens"],
+        "ce_loss_score": ev.get("ce_loss_score", np.nan),
+        "fvu_test": split["fvu_sae"], "fvu_nonlinear": split["fvu_nonlinear"],
+        "linear_predictable_fraction": 1 - split["fvu_nonlinear"] / split["fvu_sae"],
+        "r2_error_vector": split["r2_mean"], "r2_error_vector_pooled": split["r2_pooled"],
+        "r2_error_norm": split["norm_r2"],
+        "linear_norm_fraction": split["linear_norm_fraction"],
+        "nonlinear_norm_fraction": split["nonlinear_norm_fraction"],
+        "n_test": split["n_test"], "seed": split["seed"], "test_fraction": split["test_fraction"],
+        "fvu_pursuit": pursuit["fvu_pursuit"],
+        "fvu_sae_pursuit_rows": pursuit["fvu_sae"],
+        "fvu_nonlinear_sae_pursuit_rows": pursuit["fvu_nonlinear_sae"],
+        "fvu_nonlinear_pursuit_rows": pursuit["fvu_nonlinear_pursuit"],
+        # what pursuit removes, measured on identical rows with identical fit sets, taken off
+        # the SAE's nonlinear FVU on the full split (equal to the pursuit rows' value when
+        # pursuit ran on every evaluation row)
+        "fvu_nonlinear_pursuit": split["fvu_nonlinear"] - (pursuit["fvu_nonlinear_sae"]
+                                                           - pursuit["fvu_nonlinear_pursuit"]),
+        "pursuit_rows": pursuit["n_rows"],
+        "pursuit_worse_fraction": pursuit["pursuit_worse_fraction"],
+    }
+
+
+def collect(sae_ids: Sequence[str], cfgs: Sequence[str], evals: Sequence[str],
+            splits: Sequence[str], pursuits: Sequence[str]) -> pd.DataFrame:
+    """The per-SAE scaling table, sorted by (k, width); inputs are parallel lists."""
+    lengths = {len(x) for x in (sae_ids, cfgs, evals, splits, pursuits)}
+    if len(lengths) != 1:
+        raise ScalingInputError(f"per-SAE input lists differ in length: {sorted(lengths)}")
+    rows = [sae_row(*args) for args in zip(sae_ids, cfgs, evals, splits, pursuits)]
+    table = pd.DataFrame(rows).sort_values(["k", "width"]).reset_index(drop=True)
+    dup = table[table.duplicated(["k", "width"], keep=False)]
+    if len(dup):
+        raise ScalingInputError(f"two SAEs share a (width, k): {sorted(dup.sae_id)}")
+    return table
+
+
+def fit_table(saes: pd.DataFrame, n_boot: int, seed: int) -> pd.DataFrame:
+    """Power-law fits per (k, quantity); NaN parameters where a k has fewer than 3 widths."""
+    rows = []
+    for k, group in saes.groupby("k", sort=True):
+        for quantity in FIT_QUANTITIES:
+            row: dict[str, Any] = {"k": k, "quantity": quantity, "n_widths": len(group),
+                                   "n_boot": n_boot, "seed": seed, "note": ""}
+            if len(group) < MIN_WIDTHS:
+                row["note"] = f"not fitted: {len(group)} widths, need >= {MIN_WIDTHS}"
+                rows.append(row)
+                continue
+            fit = fit_power_law(group.width.to_numpy(), group[quantity].to_numpy(),
+                                n_boot=n_boot, seed=seed)
+            for p in ("a", "m", "c"):
+                lo, hi = getattr(fit, f"{p}_ci")
+                row |= {p: getattr(fit, p), f"{p}_std": getattr(fit, f"{p}_std"),
+                        f"{p}_lo": lo, f"{p}_hi": hi}
+            row["rmse"] = fit.rmse
+            if len(group) == MIN_WIDTHS:
+                row["note"] = "3 widths for 3 parameters: bootstrap intervals not informative"
+            rows.append(row)
+    columns = ["k", "quantity", "n_widths", "a", "m", "c", "rmse", "a_std", "m_std", "c_std",
+               "a_lo", "a_hi", "m_lo", "m_hi", "c_lo", "c_hi", "n_boot", "seed", "note"]
+    return pd.DataFrame(rows).reindex(columns=columns)
+
+
+# ---------------------------------------------------------------- figure tables
+
+
+def headline_k(saes: pd.DataFrame, headline_l0: float) -> int:
+    """The family's k closest to ``headline_l0`` (the smaller k on a tie)."""
+    ks = sorted(saes.k.unique())
+    return int(min(ks, key=lambda k: (abs(k - headline_l0), k)))
+
+
+def _fit_params(fits: pd.DataFrame, k: int, quantity: str) -> pd.Series:
+    row = fits[(fits.k == k) & (fits.quantity == quantity)]
+    if len(row) != 1 or not np.isfinite(row.iloc[0][["a", "m", "c"]].astype(float)).all():
+        note = row.iloc[0].note if len(row) else "no fit"
+        raise ScalingInputError(f"no power-law fit of {quantity} at k = {k} ({note})")
+    return row.iloc[0]
+
+
+def width_grid(widths: np.ndarray, extrapolate: float, points: int) -> np.ndarray:
+    """Log-spaced widths from min/1.3 to max·extrapolate, with the measured widths included."""
+    grid = np.geomspace(widths.min() / 1.3, widths.max() * extrapolate, points)
+    return np.unique(np.concatenate([grid, widths.astype(float)]))
+
+
+def figure1_table(saes: pd.DataFrame, fits: pd.DataFrame, headline_l0: float,
+                  extrapolate: float, points: int) -> pd.DataFrame:
+    """Headline decomposition at the k closest to ``headline_l0``: bands that sum to PL(W)."""
+    k = headline_k(saes, headline_l0)
+    group = saes[saes.k == k].sort_values("width")
+    fit = _fit_params(fits, k, "fvu")
+    widths = group.width.to_numpy()
+    grid = width_grid(widths, extrapolate, points)
+    total = power_law(grid, fit.a, fit.m, fit.c)
+    mean_nl = float(group.fvu_nonlinear.mean())
+    pursuit_nl = np.interp(np.log(grid), np.log(widths), group.fvu_nonlinear_pursuit.to_numpy())
+    measured = group.set_index("width").reindex(grid)
+    table = pd.DataFrame({
+        "k": k, "width": grid, "measured": np.isin(grid, widths),
+        "extrapolated": grid > widths.max(), "total_fvu": total,
+        "absent_features": total - fit.c, "linear_error": fit.c - mean_nl,
+        "encoder_error": mean_nl - pursuit_nl, "nonlinear_error": pursuit_nl,
+        "fvu": measured.fvu.to_numpy(), "fvu_nonlinear": measured.fvu_nonlinear.to_numpy(),
+        "fvu_nonlinear_pursuit": measured.fvu_nonlinear_pursuit.to_numpy(),
+        "fvu_nonlinear_mean": mean_nl,
+        "linear_predictable_fraction": measured.linear_predictable_fraction.to_numpy(),
+        "sae_id": measured.sae_id.to_numpy(),
+        "a": fit.a, "m": fit.m, "c": fit.c, "c_lo": fit.c_lo, "c_hi": fit.c_hi,
+        "n_widths": len(widths),
+    })
+    bands = table[["absent_features", "linear_error", "encoder_error", "nonlinear_error"]]
+    negative = [name for name in bands if (bands[name] < 0).any()]
+    table["note"] = f"negative band(s): {', '.join(negative)}" if negative else ""
+    return table
+
+
+def figure2_table(saes: pd.DataFrame, fits: pd.DataFrame, points: int) -> pd.DataFrame:
+    """Long table: measured FVU / nonlinear FVU per SAE, the FVU power law and the NL mean per k."""
+    parts = []
+    for quantity in ("fvu", "fvu_nonlinear"):
+        part = saes[["sae_id", "k", "width", quantity]].rename(columns={quantity: "value"})
+        parts.append(part.assign(quantity=quantity, kind="measured"))
+    for k, group in saes.groupby("k", sort=True):
+        grid = width_grid(group.width.to_numpy(), 1.3, points)
+        row = fits[(fits.k == k) & (fits.quantity == "fvu")].iloc[0]
+        if np.isfinite(float(row.a)):
+            parts.append(pd.DataFrame({"k": k, "width": grid, "quantity": "fvu", "kind": "fit",
+                                       "value": power_law(grid, row.a, row.m, row.c)}))
+        parts.append(pd.DataFrame({"k": k, "width": grid, "quantity": "fvu_nonlinear",
+                                   "kind": "mean", "value": group.fvu_nonlinear.mean()}))
+    columns = ["kind", "quantity", "k", "width", "value", "sae_id"]
+    return pd.concat(parts, ignore_index=True).reindex(columns=columns)
+
+
+def grid_table(saes: pd.DataFrame, columns: Sequence[str]) -> pd.DataFrame:
+    """One row per SAE of the width × k grid with the given value columns (Figures 3, 4)."""
+    return saes[["sae_id", "width", "k", "mean_l0", *columns]].sort_values(["k", "width"])
+
+
+def figure_table(n: int, saes: pd.DataFrame, fits: pd.DataFrame, headline_l0: float,
+                 extrapolate: float, points: int) -> pd.DataFrame:
+    if n == 1:
+        return figure1_table(saes, fits, headline_l0, extrapolate, points)
+    if n == 2:
+        return figure2_table(saes, fits, points)
+    if n == 3:
+        return grid_table(saes, ["r2_error_vector", "r2_error_vector_pooled", "r2_error_norm"])
+    if n == 4:
+        return grid_table(saes, ["fvu", "fvu_nonlinear"])
+    raise ValueError(f"no Dark Matter figure {n}; saeflow builds {FIGURES}")
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def write_csv(table: pd.DataFrame, path: str) -> None:
+    with h5io.atomic_path(path) as tmp:
+        table.to_csv(tmp, index=False, float_format="%.10g")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m saeflow.dark_matter.scaling",
+                                     description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("collect", help="per-SAE table and power-law fits of one family")
+    for flag, text in [("--sae-ids", "SAE ids"), ("--sae-cfg", "their cfg.json files"),
+                       ("--eval-metrics", "their evaluation metrics.json files"),
+                       ("--split-metrics", "their error-split metrics.json files"),
+                       ("--pursuit", "their pursuit.json files")]:
+        c.add_argument(flag, nargs="+", required=True, help=f"{text}, in one order")
+    c.add_argument("--saes-out", required=True, help="per-SAE table (.csv)")
+    c.add_argument("--fits-out", required=True, help="power-law fits per k and quantity (.csv)")
+    c.add_argument("--n-boot", type=int, default=200, help="bootstrap resamples per fit")
+    c.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    f = sub.add_parser("figure", help="one figure's table")
+    f.add_argument("--figure", type=int, required=True, choices=FIGURES)
+    f.add_argument("--saes", required=True, help="per-SAE table from collect")
+    f.add_argument("--fits", required=True, help="power-law fits from collect")
+    f.add_argument("--out", required=True, help="figure table (.csv)")
+    f.add_argument("--headline-l0", type=float, default=32.0,
+                   help="Figure 1 uses the family's k closest to this")
+    f.add_argument("--extrapolate", type=float, default=4.0,
+                   help="Figure 1 draws the fit up to this multiple of the widest SAE")
+    f.add_argument("--points", type=int, default=60, help="widths on a fitted curve")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    if args.command == "collect":
+        saes = collect(args.sae_ids, args.sae_cfg, args.eval_metrics, args.split_metrics,
+                       args.pursuit)
+        fits = fit_table(saes, args.n_boot, args.seed)
+        write_csv(saes, args.saes_out)
+        write_csv(fits, args.fits_out)
+        return
+    saes, fits = pd.read_csv(args.saes), pd.read_csv(args.fits)
+    table = figure_table(args.figure, saes, fits, args.headline_l0, args.extrapolate,
+                         args.points)
+    write_csv(table, args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,35 @@
+# Figures: each plots/figureN.pdf is drawn only from tables/figureN.csv; plotting options come
+# from config["figures"]["figureN"], so changing one redraws only that plot.
+
+
+def plot_options(wildcards):
+    """The figure's plotting options as command-line flags (log_x -> --log-x / --no-log-x)."""
+    flags = []
+    for key, value in sorted(config["figures"][f"figure{wildcards.figure}"].items()):
+        flag = key.replace("_", "-")
+        if isinstance(value, bool):
+            flags.append(f"--{flag}" if value else f"--no-{flag}")
+        else:
+            flags.append(f"--{flag} {value}")
+    return " ".join(flags)
+
+
+rule plot_dark_matter:
+    input:
+        table="tables/figure{figure}.csv",
+    output:
+        pdf="plots/figure{figure}.pdf",
+    wildcard_constraints:
+        figure=alternation(DM_FIGURES),
+    params:
+        options=plot_options,
+        code=code_version("figures.dark_matter"),
+    log:
+        "logs/plot_dark_matter/figure{figure}.log",
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    shell:
+        "python -m saeflow.figures.dark_matter --figure {wildcards.figure}"
+        " --table {input.table} --out {output.pdf} {params.options} > {log} 2>&1"
