@@ -253,8 +253,8 @@ def loss_and_grads(
     acts = vals.relu()
     recon = F.embedding_bag(idx, params.W_dec, per_sample_weights=acts, mode="sum")
     err = recon.add_(params.b_dec).sub_(x)  # x_hat - x
-    variance = (x - x.mean(0)).pow(2).sum().clamp_min(torch.finfo(x.dtype).tiny)
-    fvu = err.pow(2).sum() / variance
+    variance = (x.var(0, correction=0).sum() * x.shape[0]).clamp_min(torch.finfo(x.dtype).tiny)
+    fvu = torch.dot(err.view(-1), err.view(-1)) / variance
     d_recon = err * (2.0 / variance)  # dL/dx_hat
     grads = _sparse_backward(params, xc, d_recon, vals, idx, acts, grads_out)
     auxk_loss = fvu.new_zeros(())
@@ -321,7 +321,7 @@ def _sparse_backward(
     # dL/dz: a sampled dense-dense product on the token-major pattern (B, m) with k per row
     pattern = _csr(torch.arange(0, B * k + 1, k, device=dev), flat, acts.reshape(-1), (B, m))
     dz = torch.sparse.sampled_addmm(pattern, d_recon, params.W_dec.t(), beta=0.0).values()
-    dpre = dz.mul_(vals.reshape(-1) > 0)
+    dpre = dz.masked_fill_(vals.reshape(-1) <= 0, 0.0)  # ReLU
     # the same pairs latent-major, as CSR (m, B), for the two weight gradients
     order = flat.argsort(stable=True)
     crow = torch.zeros(m + 1, dtype=torch.int64, device=dev)
@@ -465,9 +465,8 @@ def train_step(
         group["lr"] = lr_at(state.step, cfg)
     state.optimizer.step()
     normalize_decoder_(state.leaves[2])
-    fired = torch.zeros(cfg.d_sae, dtype=torch.bool, device=x.device)
-    fired[out.codes.indices[out.codes.values > 0]] = True
-    state.tokens_since_fired.add_(x.shape[0]).masked_fill_(fired, 0)
+    fired = out.codes.indices[out.codes.values > 0]
+    state.tokens_since_fired.add_(x.shape[0]).index_fill_(0, fired, 0)
     state.step += 1
     return out
 
