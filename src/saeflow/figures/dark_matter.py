@@ -70,8 +70,13 @@ def draw_figure1(fig: Figure, table: pd.DataFrame, opts: PlotOptions) -> None:
     for (column, label), color in zip(BANDS, BAND_COLORS):
         upper = lower + curve[column].to_numpy()
         value = curve.loc[curve.measured.astype(bool), column].iloc[-1]
-        ax.fill_between(widths, lower, upper, color=color, alpha=0.45, linewidth=0,
-                        label=f"{label} ({value:.3f} at widest SAE)")
+        negative = upper < lower  # kept signed in the table; hatched here, not hidden
+        ax.fill_between(widths, lower, upper, where=~negative, interpolate=True, color=color,
+                        alpha=0.45, linewidth=0, label=f"{label} ({value:.3f} at widest SAE)")
+        if negative.any():
+            ax.fill_between(widths, lower, upper, where=negative, interpolate=True,
+                            facecolor="none", edgecolor=color, hatch="////", linewidth=0,
+                            label=f"{label} < 0 (hatched)")
         lower = upper
     total = curve.total_fvu.to_numpy()
     last = int((~curve.extrapolated.astype(bool)).to_numpy().nonzero()[0][-1])
@@ -88,10 +93,7 @@ def draw_figure1(fig: Figure, table: pd.DataFrame, opts: PlotOptions) -> None:
     title = f"Decomposition of SAE error, k = {int(curve.k.iloc[0])}"
     note = curve.note.iloc[0] if "note" in curve and isinstance(curve.note.iloc[0], str) else ""
     ax.set_title(title + (f"\n({note})" if note else ""))
-    handles, labels = ax.get_legend_handles_labels()
-    order = [3, 2, 1, 0, *range(4, len(handles))]  # bands listed top of the stack first
-    ax.legend([handles[i] for i in order], [labels[i] for i in order], loc="upper left",
-              bbox_to_anchor=(1.01, 1.0), fontsize="small", frameon=False)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small", frameon=False)
 
 
 def draw_figure2(fig: Figure, table: pd.DataFrame, opts: PlotOptions) -> None:
