@@ -19,6 +19,14 @@ NODE=$(hostname -s)
 MARK="# written by saeflow .ci/slurm/start.sh"
 
 die() { echo "start.sh: $*" >&2; exit 1; }
+# running NAME: is a process called NAME alive? (/proc directly: slim images lack procps)
+running() {
+    local comm
+    for comm in /proc/[0-9]*/comm; do
+        [[ $(cat "$comm" 2>/dev/null) == "$1" ]] && return 0
+    done
+    return 1
+}
 [[ $(id -u) == 0 ]] || die "needs root"
 
 install_packages() {
@@ -97,11 +105,12 @@ SlurmdLogFile=$RUN_DIR/slurmd.log
 # No cgroups without systemd: track processes through /proc, bind CPUs by affinity.
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/affinity
-# No slurmdbd: squeue is the only status source, so finished jobs stay visible for 10 minutes.
+# No slurmdbd: squeue is the only status source, so finished jobs stay visible for an hour
+# (Snakemake's status checks need minutes; run-test-config.sh reads every job at the end).
 AccountingStorageType=accounting_storage/none
 JobAcctGatherType=jobacct_gather/none
 JobCompType=jobcomp/none
-MinJobAge=600
+MinJobAge=3600
 ReturnToService=2
 SchedulerType=sched/backfill
 SelectType=select/cons_tres
@@ -139,9 +148,7 @@ wait_for_node() {
 
 install_packages
 "$HERE/stop.sh" "$RUN_DIR"
-if pgrep -x slurmctld >/dev/null || pgrep -x slurmd >/dev/null; then
-    pgrep -a -x slurmctld >&2
-    pgrep -a -x slurmd >&2
+if running slurmctld || running slurmd; then
     die "another slurmctld or slurmd is running (started from another run dir?); stop it first"
 fi
 rm -rf "$RUN_DIR/state" "$RUN_DIR/spool"

@@ -65,7 +65,9 @@ def _main() -> None:
         except FileExistsError:
             pass
         else:
-            print(f"sitecustomize: injected transient failure of saeflow.{command}", file=sys.stderr)
+            print(
+                f"sitecustomize: injected transient failure of saeflow.{command}", file=sys.stderr
+            )
             sys.stderr.flush()
             os._exit(1)
     seconds = _setting("SAEFLOW_CI_SLEEP", command)
