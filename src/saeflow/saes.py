@@ -20,14 +20,20 @@ import shutil
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import huggingface_hub.constants
 import numpy as np
-from sae_lens import SAE
-from sae_lens.constants import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME
 
 from saeflow.h5io import InputFileError, atomic_path
+
+if TYPE_CHECKING:
+    from sae_lens import SAE
+
+# The file names of SAELens's layout (sae_lens.constants; tests/unit/test_saes.py checks they
+# match). Spelled out here because importing sae_lens takes seconds, and the Snakefile imports
+# this module (for expand_family) on every snakemake start.
+SAE_CFG_FILENAME = "cfg.json"
+SAE_WEIGHTS_FILENAME = "sae_weights.safetensors"
 
 # The key a family sweeps besides the width, per architecture, and how it appears in SAE ids.
 SWEEP_KEY = {
@@ -69,6 +75,7 @@ class ImportSAEError(RuntimeError):
 
 def load_sae(path: str | os.PathLike[str]) -> SAE[Any]:
     """Load an SAE folder in the SAELens layout (any architecture) as float32 on the CPU."""
+    from sae_lens import SAE
     folder = Path(path)
     for name in (SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME):
         if not (folder / name).is_file():
@@ -84,6 +91,8 @@ def load_sae(path: str | os.PathLike[str]) -> SAE[Any]:
 
 def hub_offline() -> bool:
     """True when the Hugging Face hub may not be contacted (HF_HUB_OFFLINE)."""
+    import huggingface_hub.constants
+
     flag = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
     return flag or bool(huggingface_hub.constants.HF_HUB_OFFLINE)
 
@@ -96,6 +105,8 @@ def import_pretrained(out: str | os.PathLike[str], release: str, sae_id: str) ->
             "HF_HUB_OFFLINE is set; run with network access, or download the folder and "
             "import it with --path"
         )
+    from sae_lens import SAE
+
     sae = SAE.from_pretrained(release, sae_id, device="cpu", dtype="float32")
     sae.cfg.metadata.saeflow_source = {"release": release, "sae_id": sae_id}
     with atomic_path(out) as tmp:

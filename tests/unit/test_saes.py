@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import random
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -398,3 +400,23 @@ def test_train_cli_dispatch_writes_loadable_sae(
     assert sae.cfg.metadata.hook_name == SITE  # taken from the acts file's 'site' attribute
     with torch.no_grad():
         assert sae.encode(eval_acts(acts_file)[:8]).shape == (8, 32)
+
+
+def test_layout_file_names_match_sae_lens() -> None:
+    """saeflow.saes spells SAELens's file names out (to import fast); they must stay in step."""
+    from sae_lens.constants import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME
+
+    assert saes.SAE_CFG_FILENAME == SAE_CFG_FILENAME
+    assert saes.SAE_WEIGHTS_FILENAME == SAE_WEIGHTS_FILENAME
+
+
+def test_config_import_is_light() -> None:
+    """The Snakefile imports saeflow.config on every snakemake start (the SLURM executor
+    starts one per job); it must not pull in torch, transformers or sae_lens (seconds each)."""
+    code = (
+        "import sys, saeflow.config\n"
+        "heavy = sorted(m for m in ('torch', 'transformers', 'sae_lens') if m in sys.modules)\n"
+        "print(','.join(heavy))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""
