@@ -25,6 +25,7 @@ from nnsight import NNsight
 from tqdm import tqdm
 
 from saeflow import h5io
+from saeflow.device import DEVICE_HELP, resolve_device
 from saeflow.metrics import next_token_ce
 from saeflow.models import load_model, parse_site, resolve_site
 
@@ -81,7 +82,7 @@ class BackgroundWriter:
                 try:
                     dataset, offset, array = job
                     dataset[offset : offset + len(array)] = array
-                except BaseException as err:  # surfaced by put()/close()
+                except BaseException as err:  # noqa: BLE001 (surfaced by put()/close())
                     self._error = err
 
     def put(self, dataset: h5py.Dataset, offset: int, array: np.ndarray) -> None:
@@ -202,7 +203,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         p.add_argument("--model-name", default="", help="recorded in the output attributes")
         p.add_argument("--corpus", default="", help="recorded in the output attributes")
         p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
-        p.add_argument("--device", default="cpu", help="torch device, e.g. cuda")
+        p.add_argument("--device", default="cpu", help=DEVICE_HELP)
     cache = sub.choices["cache"]
     cache.add_argument("--site", action="append", required=True, help="e.g. blocks.3.hook_resid_post")
     cache.add_argument("--out", action="append", required=True, help="one output per --site")
@@ -217,6 +218,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = _parse_args(argv)
+    args.device = resolve_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     attrs = {"model": args.model_name or Path(args.model).name, "corpus": args.corpus}

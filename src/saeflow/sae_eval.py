@@ -37,6 +37,7 @@ from tqdm import tqdm
 
 from saeflow import h5io
 from saeflow.activations import envoy_for
+from saeflow.device import DEVICE_HELP, resolve_device
 from saeflow.metrics import ReconstructionStats, kl_per_token, next_token_ce, recovered_score
 from saeflow.models import load_model, resolve_site
 from saeflow.saes import load_sae
@@ -100,7 +101,8 @@ class _Outputs:
 
 
 def evaluate_reconstruction(sae, acts_path: str, out_path: str, chunk: int, attrs: dict) -> dict:
-    """Stream the activations file through the SAE; write ``out_path``; return metrics."""
+    """Stream the activations file through the SAE (on its device); write ``out_path``; return
+    metrics."""
     d_sae = sae.cfg.d_sae
     with h5io.open_checked(acts_path, datasets={"acts": (None, sae.cfg.d_in)}) as acts_file, \
             h5io.atomic_path(out_path) as tmp, h5py.File(tmp, "w") as h5:
@@ -110,7 +112,7 @@ def evaluate_reconstruction(sae, acts_path: str, out_path: str, chunk: int, attr
         stats = ReconstructionStats(sae.cfg.d_in)
         for start in tqdm(range(0, n, chunk), desc="sae eval", unit="chunk"):
             x = torch.from_numpy(acts[start : start + chunk])
-            latents, recon = encode_chunk(sae, x)
+            latents, recon = (t.cpu() for t in encode_chunk(sae, x.to(sae.device)))
             out.write(start, x, recon, latents, acts_file["tokens"][start : start + chunk])
             stats.update(x, recon, (latents != 0).sum(-1))
         h5["latent_freq"] = out.freq / n
@@ -142,6 +144,7 @@ def downstream_loss(sae, model, site: str, tokens: np.ndarray, skip: int, batch_
     with torch.inference_mode():
         for start in range(0, len(tokens), batch_size):
             ids = torch.from_numpy(tokens[start : start + batch_size].astype(np.int64))
+            ids = ids.to(model.device)
             clean = model(ids).logits
             patched = spliced_logits(traced, model, envoy, ids, skip, sae)
             ablated = spliced_logits(traced, model, envoy, ids, skip, torch.zeros_like)
@@ -185,6 +188,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--chunk-tokens", type=int, default=4096, help="tokens per encode chunk")
     p.add_argument("--sae-id", default="", help="recorded in the outputs")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
+    p.add_argument("--device", default="cpu", help=DEVICE_HELP)
     s = sub.add_parser("summarize", help="collect metrics files into one CSV table")
     s.add_argument("--metrics", nargs="+", required=True, help="metrics files")
     s.add_argument("--out", required=True, help="CSV table")
@@ -192,13 +196,14 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def evaluate(args: argparse.Namespace) -> None:
-    sae = load_sae(args.sae)
+    device = resolve_device(args.device)
+    sae = load_sae(args.sae).to(device)
     with h5io.open_checked(args.tokens, datasets={"tokens": (None, None)}) as tok_file:
         tokens = tok_file["tokens"][: args.downstream_seqs]
     attrs = {"sae_id": args.sae_id, "site": args.site}
     metrics = evaluate_reconstruction(sae, args.acts, args.out, args.chunk_tokens, attrs)
     if args.downstream_seqs > 0:
-        model, _ = load_model(args.model)
+        model, _ = load_model(args.model, device=device)
         metrics |= downstream_loss(sae, model, args.site, tokens, args.skip_positions,
                                    args.batch_size)
     h5io.write_json(args.metrics, {**attrs, **metrics})

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from saeflow.device import DEVICE_HELP, resolve_device
 from saeflow.h5io import InputFileError, open_checked
 from saeflow.sae_lens_train import SAELensTrainConfig, train_sae_lens
 from saeflow.topk import TopKTrainConfig, train_topk
@@ -130,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", help="corpus (default: the acts file's 'corpus')")
     p.add_argument("--buffer-tokens", type=_positive_int, help="shuffle buffer of the batch stream")
     p.add_argument("--log-every-steps", type=_positive_int, help="CSV log interval")
-    p.add_argument("--device", help="torch device (default: cpu)")
+    p.add_argument("--device", help=f"{DEVICE_HELP} (default: cpu)")
     p.add_argument(
         "--threads", type=_positive_int, help="torch CPU threads (pass the rule's {threads})"
     )
@@ -263,6 +264,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = build_parser()
     args = parser.parse_args(argv)
     validate(args, parser)
+    if args.device is not None:
+        args.device = resolve_device(args.device)
     try:
         info = read_acts_info(args.acts, args.batch_size)
     except InputFileError as err:

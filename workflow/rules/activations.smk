@@ -49,7 +49,7 @@ for _model in config["models"]:
             " {params.sites} --batch-size {params.batch_size} --dtype {params.dtype}"
             " --skip-positions {params.skip} --chunk-tokens {params.chunk}"
             " --model-name {wildcards.model} --corpus {wildcards.corpus} --threads {threads}"
-            " > {log} 2>&1"
+            " --device auto > {log} 2>&1"
 
 
 rule lm_loss:
@@ -76,4 +76,4 @@ rule lm_loss:
         "python -m saeflow.activations loss --model {params.model} --tokens {input.tokens}"
         " --out {output.loss} --batch-size {params.batch_size} --dtype {params.dtype}"
         " --model-name {wildcards.model} --corpus {wildcards.corpus} --threads {threads}"
-        " > {log} 2>&1"
+        " --device auto > {log} 2>&1"

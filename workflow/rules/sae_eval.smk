@@ -42,7 +42,7 @@ rule evaluate_sae:
         " --out {output.info} --metrics {output.metrics} --sae-id {wildcards.sae_id}"
         " --downstream-seqs {params.downstream_seqs} --batch-size {params.batch_size}"
         " --skip-positions {params.skip} --chunk-tokens {params.chunk} --threads {threads}"
-        " > {log} 2>&1"
+        " --device auto > {log} 2>&1"
 
 
 rule summarize_saes:

@@ -48,7 +48,8 @@ rule train_sae:
     shell:
         "python -m saeflow.train --acts {input.acts} --out saes/{wildcards.sae_id}"
         " --checkpoint-dir checkpoints/{wildcards.sae_id} {params.args}"
-        " --hook-name {params.site} --model-name {params.model} --threads {threads} > {log} 2>&1"
+        " --hook-name {params.site} --model-name {params.model} --threads {threads}"
+        " --device auto > {log} 2>&1"
 
 
 rule import_sae:
