@@ -20,6 +20,7 @@ never leaves a file that looks finished.
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 from collections.abc import Iterator, Mapping
@@ -40,11 +41,15 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary sibling path; rename it to ``path`` only if the block succeeds.
 
     Works for files and directories. On failure the temporary is removed and ``path`` is untouched.
+    Temporaries of ``path`` left by a killed process (``kill -9``, a node lost) are removed first:
+    Snakemake's lock lets only one job write an output at a time, so any other temporary of the
+    same output belongs to a job that is gone.
     """
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-    _remove(tmp)
+    for stale in final.parent.glob(f".{glob.escape(final.name)}.tmp-*"):
+        _remove(stale)
     try:
         yield tmp
         if final.is_dir() and tmp.is_dir():

@@ -124,15 +124,17 @@ def repaired(tmp_path_factory, workflow_snapshot, snakemake, topk) -> dict:
     assert snakemake(workdir, "--unlock").returncode == 0
     final = snakemake(workdir, target, "--rerun-incomplete")
     assert final.returncode == 0, final.stdout[-5000:] + final.stderr[-5000:]
+    seen["caching_tmp_after_repair"] = caching_tmp_files(workdir)
     return seen
 
 
 def test_a_killed_caching_job_leaves_no_finished_looking_file(repaired):
     assert repaired["caching_tmp"], "the kill should have caught a half-written file"
     assert repaired["acts_after_kill"] == []
+    assert repaired["caching_tmp_after_repair"] == []  # the rerun cleared the killed job's litter
     dry_run = repaired["dry_run_after_kill"]
     assert dry_run.returncode == 0, dry_run.stderr[-3000:]
-    assert re.search(r"^cache_activations_\w+\s+1$", dry_run.stdout, re.M), dry_run.stdout
+    assert re.search(r"^cache_activations_\w+\s+1$", dry_run.stdout, re.MULTILINE), dry_run.stdout
 
 
 def test_a_killed_training_job_leaves_no_sae_and_resumes(repaired, topk):

@@ -59,7 +59,8 @@ def comment_rule(job: dict[str, str]) -> str:
 def planned_counts(log: str) -> Counter:
     """The first "Job stats" table of a Snakemake log: jobs per rule."""
     table = log.split("Job stats:", 1)[1].split("\ntotal", 1)[0]
-    return Counter({m[1]: int(m[2]) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, re.M)})
+    rows = re.finditer(r"^(\w+)\s+(\d+)$", table, re.MULTILINE)
+    return Counter({m[1]: int(m[2]) for m in rows})
 
 
 def submissions(log: str) -> list[tuple[str, str, bool]]:
