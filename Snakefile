@@ -21,6 +21,7 @@ include: "workflow/rules/activations.smk"
 include: "workflow/rules/saes.smk"
 include: "workflow/rules/sae_eval.smk"
 include: "workflow/rules/dark_matter.smk"
+include: "workflow/rules/downstream_ce.smk"
 include: "workflow/rules/figures.smk"
 
 

@@ -33,3 +33,30 @@ rule plot_dark_matter:
     shell:
         "python -m saeflow.figures.dark_matter --figure {wildcards.figure}"
         " --table {input.table} --out {output.pdf} {params.options} > {log} 2>&1"
+
+
+# Figures 9, 10b and 15 (Dark Matter paper): drawn by saeflow.figures.error_effects, each only
+# from its tables/figureN.csv; options from config["figures"]["figureN"] via plot_options.
+EFFECT_FIGURES = ["9"]
+EFFECT_TABLES = []  # tables the default target builds with no plot of their own
+
+
+rule plot_error_effects:
+    input:
+        table="tables/figure{figure}.csv",
+    output:
+        pdf="plots/figure{figure}.pdf",
+    wildcard_constraints:
+        figure=alternation(EFFECT_FIGURES),
+    params:
+        options=plot_options,
+        code=code_version("figures.error_effects"),
+    log:
+        "logs/plot_error_effects/figure{figure}.log",
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    shell:
+        "python -m saeflow.figures.error_effects --figure {wildcards.figure}"
+        " --table {input.table} --out {output.pdf} {params.options} > {log} 2>&1"
