@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import sys
 import threading
 import time
 from collections import Counter
@@ -51,6 +52,16 @@ def oracle_answer(body: dict) -> str:
     return json.dumps(answers)
 
 
+class _QuietServer(ThreadingHTTPServer):
+    """Clients that time out close their socket; the late write's broken pipe is expected."""
+
+    daemon_threads = True
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
+
+
 class ChatServer:
     """``with ChatServer(answer=..., script=[...]) as server:`` then use ``server.base_url``."""
 
@@ -61,11 +72,10 @@ class ChatServer:
         self.fail_after, self.sleep, self.delay = fail_after, sleep, delay
         self.bodies: list[dict] = []
         self.auth: list[str | None] = []
-        self.answered = 0
+        self.answered = self.granted = 0
         self.in_flight = self.max_in_flight = 0
         self._lock = threading.Lock()
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self.httpd.daemon_threads = True
+        self.httpd = _QuietServer(("127.0.0.1", 0), self._handler())
         self.base_url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
 
     @property
@@ -76,9 +86,11 @@ class ChatServer:
         with self._lock:
             self.bodies.append(body)
             self.auth.append(auth)
-            if self.fail_after is not None and self.answered >= self.fail_after:
+            if self.fail_after is not None and self.granted >= self.fail_after:
                 return "drop"
-            return self.script.pop(0) if self.script else self.default
+            behaviour = self.script.pop(0) if self.script else self.default
+            self.granted += behaviour == "ok"  # decided here, so concurrency cannot overshoot
+            return behaviour
 
     def _handler(self) -> type[BaseHTTPRequestHandler]:
         server = self
@@ -145,6 +157,6 @@ if __name__ == "__main__":
     time.sleep(args.startup_delay)
     srv = ChatServer()
     srv.httpd.server_close()
-    srv.httpd = ThreadingHTTPServer(("127.0.0.1", args.port), srv._handler())
+    srv.httpd = _QuietServer(("127.0.0.1", args.port), srv._handler())
     print(f"listening on {args.port}", flush=True)
     srv.httpd.serve_forever()

@@ -41,7 +41,9 @@ def test_parse_binary_list(answer, n, expected):
     ("Looking at the marked tokens...\n[EXPLANATION]: Names of cities.", "Names of cities."),
     ("[explanation]:   male pronouns  ", "male pronouns"),
     ("EXPLANATION: dates", "dates"),
-    ("```\n[EXPLANATION]: `code` tokens\n```", "code` tokens"),
+    ("```\n[EXPLANATION]: `code` tokens\n```", "`code` tokens"),
+    ('[EXPLANATION]: "the word \"he\""', 'the word \"he\"'),
+    ("[EXPLANATION]: **Names of rivers**", "Names of rivers"),
     # no tag: the first non-empty line (small models skip the tag)
     ("\n\nThe feature detects a \"cat\" as the subject.\nMore text.",
      'The feature detects a "cat" as the subject.'),

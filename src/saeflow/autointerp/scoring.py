@@ -44,7 +44,10 @@ def parse_explanation(text: str | None) -> str | None:
 
 
 def _clean(text: str) -> str | None:
-    text = text.strip().strip("\"'`*").strip()
+    """Strip whitespace and quotes or bold marks that wrap the whole text (not inner ones)."""
+    text = text.strip()
+    while len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'`*":
+        text = text[1:-1].strip()
     return text or None
 
 
