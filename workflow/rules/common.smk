@@ -87,7 +87,7 @@ def all_targets():
     if config["activations"]["lm_loss"]:
         targets += [f"acts/{model}/{EVAL_CORPUS}/lm_loss.h5" for model in config["models"]]
     if config["dark_matter"]["family"]:
-        targets += [f"plots/figure{n}.pdf" for n in (1, 2, 3, 4)]
+        targets += [f"plots/figure{n}.pdf" for n in DM_FIGURES]
         targets += [f"plots/figure{n}.pdf" for n in EFFECT_FIGURES]
         targets += EFFECT_TABLES
     return targets

@@ -1,17 +1,69 @@
 # Dark Matter analyses ("Decomposing the Dark Matter of SAEs"): per SAE, the linear / nonlinear
 # split of its error and gradient pursuit on its decoder; over the configured family, the width
-# power laws and the tables behind plots/figure1-4.pdf (drawn in figures.smk).
+# power laws and the tables behind plots/figure1-5.pdf (drawn in figures.smk); per-token norms
+# across widths (Figures 6, 10a, 11, 12), norm prediction (7), its baselines (13) and the norm
+# probe against latent activations (14).
 # Per-SAE jobs take 1 thread: they are independent, so -c2 runs two at once, and small
 # multi-threaded GEMMs stall on a loaded machine.
 
 DM = config["dark_matter"]
 DM_SAES = sorted(i for i, s in SAES.items() if s.get("family") == DM["family"])
-DM_FIGURES = ["1", "2", "3", "4"]
+DM_SCALING_FIGURES = ["1", "2", "3", "4", "5"]
+DM_PER_TOKEN_FIGURES = ["6", "10a", "11", "12"]
+DM_FIGURES = DM_SCALING_FIGURES + ["6", "7", "10a", "11", "12", "13", "14"]
 
 
-def family_files(pattern):
-    """One path per SAE of the Dark Matter family on the evaluation corpus, in DM_SAES order."""
-    return [pattern.format(sae_id=sae_id, corpus=EVAL_CORPUS) for sae_id in DM_SAES]
+def headline_saes():
+    """The family's SAEs at its k closest to headline_l0 (smaller k on a tie, as scaling.py)."""
+    ks = sorted({SAES[i]["k"] for i in DM_SAES if SAES[i].get("k") is not None})
+    if not ks:
+        return []
+    k = min(ks, key=lambda k: (abs(k - DM["headline_l0"]), k))
+    return sorted((i for i in DM_SAES if SAES[i].get("k") == k), key=lambda i: SAES[i]["d_sae"])
+
+
+def listed_saes(key, default):
+    """SAE ids a dark_matter key lists, each checked to be declared."""
+    value = DM[key]
+    names = (value if isinstance(value, list) else [value]) if value else default
+    unknown = [n for n in names if n not in SAES]
+    if unknown:
+        raise WorkflowError(f"dark_matter.{key}: {unknown} not among the declared SAEs {sorted(SAES)}")
+    return names
+
+
+DM_HEADLINE_SAES = headline_saes()
+DM_BASELINE_SAES = listed_saes("baseline_saes", DM_SAES)
+DM_PROBE_SAE = listed_saes("probe_sae", DM_HEADLINE_SAES[-1:])
+
+
+def family_files(pattern, sae_ids=None):
+    """One path per SAE (default: the Dark Matter family) on the evaluation corpus, in order."""
+    ids = DM_SAES if sae_ids is None else sae_ids
+    return [pattern.format(sae_id=sae_id, corpus=EVAL_CORPUS) for sae_id in ids]
+
+
+def sae_k_flag(wildcards):
+    """``--k K`` for SAEs with a k (TopK, BatchTopK), nothing for the others."""
+    k = SAES[wildcards.sae_id].get("k")
+    return f"--k {k}" if k is not None else ""
+
+
+def sae_lm_loss(wildcards):
+    return f"acts/{SAES[wildcards.sae_id]['model']}/{wildcards.corpus}/lm_loss.h5"
+
+
+def dm_tokenizer_input(wildcards):
+    return model_files(SAES[DM_HEADLINE_SAES[0]]["model"]) if DM_HEADLINE_SAES else []
+
+
+def probe_acts():
+    """Activations the probe SAE was evaluated on (its site, the evaluation corpus)."""
+    return [f"acts/{SAES[i]['model']}/{EVAL_CORPUS}/{SAES[i]['site']}.h5" for i in DM_PROBE_SAE]
+
+
+def dm_tokenizer():
+    return model_path(SAES[DM_HEADLINE_SAES[0]]["model"]) if DM_HEADLINE_SAES else ""
 
 
 def figure_table_args(wildcards):
@@ -128,7 +180,7 @@ rule dark_matter_figure_table:
     output:
         table="tables/figure{figure}.csv",
     wildcard_constraints:
-        figure=alternation(DM_FIGURES),
+        figure=alternation(DM_SCALING_FIGURES),
     params:
         args=figure_table_args,
         code=code_version("dark_matter.scaling", "dark_matter.power_law"),
@@ -141,4 +193,183 @@ rule dark_matter_figure_table:
     shell:
         "python -m saeflow.dark_matter.scaling figure --figure {wildcards.figure}"
         " --saes {input.saes} --fits {input.fits} --out {output.table} {params.args}"
+        " > {log} 2>&1"
+
+
+rule dark_matter_per_token:
+    input:
+        sae_eval=family_files("sae_eval/{sae_id}/{corpus}.h5", DM_HEADLINE_SAES),
+        split=family_files("dark_matter/{sae_id}/{corpus}/split.h5", DM_HEADLINE_SAES),
+        tokenizer=dm_tokenizer_input,
+    output:
+        fig6="tables/figure6.csv",
+        fig10a="tables/figure10a.csv",
+        fig11="tables/figure11.csv",
+        fig12="tables/figure12.csv",
+    params:
+        sae_ids=DM_HEADLINE_SAES,
+        tokenizer=dm_tokenizer(),
+        test_fraction=DM["test_fraction"],
+        seed=DM["seed"],
+        window_start=DM["window_start"],
+        window_length=DM["window_length"],
+        chunk=DM["chunk_tokens"],
+        code=code_version("dark_matter.per_token", "dark_matter.regression"),
+    log:
+        "logs/dark_matter_per_token/per_token.log",
+    benchmark:
+        "benchmarks/dark_matter_per_token/per_token.tsv"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=20,
+    shell:
+        "python -m saeflow.dark_matter.per_token --sae-ids {params.sae_ids}"
+        " --sae-eval {input.sae_eval} --split {input.split} --fig6 {output.fig6}"
+        " --fig10a {output.fig10a} --fig11 {output.fig11} --fig12 {output.fig12}"
+        " --test-fraction {params.test_fraction} --seed {params.seed}"
+        " --window-start {params.window_start} --window-length {params.window_length}"
+        " --tokenizer {params.tokenizer} --chunk-tokens {params.chunk} > {log} 2>&1"
+
+
+rule norm_prediction:
+    input:
+        acts=sae_eval_acts,
+        sae_eval="sae_eval/{sae_id}/{corpus}.h5",
+        split="dark_matter/{sae_id}/{corpus}/split.h5",
+    output:
+        result="dark_matter/{sae_id}/{corpus}/norm_prediction.json",
+    wildcard_constraints:
+        sae_id=alternation(sorted(SAES)),
+        corpus=alternation(sorted(config["corpora"])),
+    params:
+        site=sae_site,
+        k=sae_k_flag,
+        chunk=DM["chunk_tokens"],
+        code=code_version("dark_matter.norm_prediction", "dark_matter.regression"),
+    log:
+        "logs/norm_prediction/{sae_id}/{corpus}.log",
+    benchmark:
+        "benchmarks/norm_prediction/{sae_id}/{corpus}.tsv"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    shell:
+        "python -m saeflow.dark_matter.norm_prediction fit --acts {input.acts}"
+        " --sae-eval {input.sae_eval} --split {input.split} --out {output.result}"
+        " --sae-id {wildcards.sae_id} --site {params.site} {params.k}"
+        " --chunk-tokens {params.chunk} > {log} 2>&1"
+
+
+rule norm_baselines:
+    input:
+        acts=sae_eval_acts,
+        sae_eval="sae_eval/{sae_id}/{corpus}.h5",
+        lm_loss=sae_lm_loss,
+    output:
+        result="dark_matter/{sae_id}/{corpus}/norm_baselines.json",
+    wildcard_constraints:
+        sae_id=alternation(sorted(SAES)),
+        corpus=alternation(sorted(config["corpora"])),
+    params:
+        site=sae_site,
+        k=sae_k_flag,
+        test_fraction=DM["test_fraction"],
+        seed=DM["seed"],
+        chunk=DM["chunk_tokens"],
+        code=code_version(
+            "dark_matter.norm_baselines",
+            "dark_matter.norm_prediction",
+            "dark_matter.per_token",
+            "dark_matter.regression",
+        ),
+    log:
+        "logs/norm_baselines/{sae_id}/{corpus}.log",
+    benchmark:
+        "benchmarks/norm_baselines/{sae_id}/{corpus}.tsv"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    shell:
+        "python -m saeflow.dark_matter.norm_baselines fit --acts {input.acts}"
+        " --sae-eval {input.sae_eval} --lm-loss {input.lm_loss} --out {output.result}"
+        " --sae-id {wildcards.sae_id} --site {params.site} {params.k}"
+        " --test-fraction {params.test_fraction} --seed {params.seed}"
+        " --chunk-tokens {params.chunk} > {log} 2>&1"
+
+
+rule dark_matter_norm_table:
+    input:
+        norm_prediction=family_files("dark_matter/{sae_id}/{corpus}/norm_prediction.json"),
+    output:
+        table="tables/figure7.csv",
+    params:
+        code=code_version("dark_matter.norm_prediction"),
+    log:
+        "logs/dark_matter_norm_table/figure7.log",
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=5,
+    shell:
+        "python -m saeflow.dark_matter.norm_prediction table --inputs {input.norm_prediction}"
+        " --out {output.table} > {log} 2>&1"
+
+
+rule dark_matter_baselines_table:
+    input:
+        norm_baselines=family_files(
+            "dark_matter/{sae_id}/{corpus}/norm_baselines.json", DM_BASELINE_SAES
+        ),
+    output:
+        table="tables/figure13.csv",
+    params:
+        code=code_version("dark_matter.norm_baselines", "dark_matter.norm_prediction"),
+    log:
+        "logs/dark_matter_baselines_table/figure13.log",
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=5,
+    shell:
+        "python -m saeflow.dark_matter.norm_baselines table --inputs {input.norm_baselines}"
+        " --out {output.table} > {log} 2>&1"
+
+
+rule probe_similarity:
+    input:
+        sae=family_files("saes/{sae_id}/cfg.json", DM_PROBE_SAE),
+        weights=family_files("saes/{sae_id}/sae_weights.safetensors", DM_PROBE_SAE),
+        acts=probe_acts(),
+        sae_eval=family_files("sae_eval/{sae_id}/{corpus}.h5", DM_PROBE_SAE),
+    output:
+        table="tables/figure14.csv",
+        metrics=family_files("dark_matter/{sae_id}/{corpus}/probe_similarity.json", DM_PROBE_SAE),
+    params:
+        sae_id=DM_PROBE_SAE,
+        test_fraction=DM["test_fraction"],
+        seed=DM["seed"],
+        smooth=DM["probe_smooth"],
+        chunk=DM["chunk_tokens"],
+        code=code_version(
+            "dark_matter.probe_similarity",
+            "dark_matter.norm_prediction",
+            "dark_matter.regression",
+        ),
+    log:
+        "logs/probe_similarity/figure14.log",
+    benchmark:
+        "benchmarks/probe_similarity/figure14.tsv"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=20,
+    shell:
+        "python -m saeflow.dark_matter.probe_similarity --sae saes/{params.sae_id}"
+        " --acts {input.acts} --sae-eval {input.sae_eval} --out {output.table}"
+        " --metrics {output.metrics} --sae-id {params.sae_id}"
+        " --test-fraction {params.test_fraction} --seed {params.seed}"
+        " --smooth {params.smooth} --chunk-tokens {params.chunk} --threads {threads}"
         " > {log} 2>&1"

@@ -29,7 +29,26 @@ Figure 2  FVU and nonlinear FVU vs width, power-law fit per k     sae_power_law_
 Figure 3  R² of predicting the error vector and its squared norm  sae_power_law_contours_{vec,
           from x, over width × k                                  norm}.pdf
 Figure 4  nonlinear FVU over width × k                            sae_power_law_contour.pdf
+Figure 5  the decomposition with pursuit, measured per SAE (no    scaling_filled_pursuit.pdf
+          fit, every k): held-out FVU split into linear error,    (--to_plot pursuit)
+          encoder error and nonlinear error at each width
 ========  ======================================================  ==============================
+
+The other figures come from their own stages: Figures 6, 10a, 11 and 12 from
+:mod:`~saeflow.dark_matter.per_token` (``sae_power_laws_per_token.py``: per-token predictability
+across widths, its gain from the nonlinear norm, and error norms over a token window), Figure 7
+from :mod:`~saeflow.dark_matter.norm_prediction` (``norm_prediction_violin.py``), Figure 13 from
+:mod:`~saeflow.dark_matter.norm_baselines` (``compare_norm_prediction_to_baselines.py``) and
+Figure 14 from :mod:`~saeflow.dark_matter.probe_similarity`
+(``latent_activations_vs_probe_sim.py``).
+
+Figure 5 bars, per SAE, all on the error split's held-out rows, stack to the SAE's FVU there::
+
+    linear error    = FVU - N             (N = nonlinear FVU: Sae(x) + linear prediction)
+    encoder error   = N - P               (P = pursuit nonlinear FVU, as in Figure 1)
+    nonlinear error = P
+
+Figure 1 extrapolates with the power law and a mean N̄; Figure 5 shows what was measured.
 
 Figure 1 bands, as the original draws them (``fill_between`` of the power-law curve, c, the mean
 nonlinear FVU N̄ and the pursuit nonlinear FVU P(W)), at each width W of the headline k::
@@ -71,7 +90,7 @@ from saeflow import h5io
 from saeflow.dark_matter.power_law import fit_power_law, power_law
 
 FIT_QUANTITIES = ("fvu", "fvu_nonlinear", "fvu_pursuit")
-FIGURES = (1, 2, 3, 4)
+FIGURES = (1, 2, 3, 4, 5)
 MIN_WIDTHS = 3  # a + c + m: three parameters
 
 
@@ -251,6 +270,19 @@ def figure2_table(saes: pd.DataFrame, fits: pd.DataFrame, points: int) -> pd.Dat
     return pd.concat(parts, ignore_index=True).reindex(columns=columns)
 
 
+def figure5_table(saes: pd.DataFrame) -> pd.DataFrame:
+    """Per SAE: held-out FVU split into linear, encoder and nonlinear error (they sum to FVU)."""
+    table = saes[["sae_id", "k", "width", "mean_l0", "fvu_test", "fvu_nonlinear",
+                  "fvu_nonlinear_pursuit", "fvu_pursuit", "fvu_sae_pursuit_rows",
+                  "pursuit_rows"]].sort_values(["k", "width"]).reset_index(drop=True)
+    table["linear_error"] = table.fvu_test - table.fvu_nonlinear
+    table["encoder_error"] = table.fvu_nonlinear - table.fvu_nonlinear_pursuit
+    table["nonlinear_error"] = table.fvu_nonlinear_pursuit
+    bands = table[["linear_error", "encoder_error", "nonlinear_error"]]
+    table["note"] = np.where((bands < 0).any(axis=1), "negative band", "")
+    return table
+
+
 def grid_table(saes: pd.DataFrame, columns: Sequence[str]) -> pd.DataFrame:
     """One row per SAE of the width × k grid with the given value columns (Figures 3, 4)."""
     return saes[["sae_id", "width", "k", "mean_l0", *columns]].sort_values(["k", "width"])
@@ -266,6 +298,8 @@ def figure_table(n: int, saes: pd.DataFrame, fits: pd.DataFrame, headline_l0: fl
         return grid_table(saes, ["r2_error_vector", "r2_error_vector_pooled", "r2_error_norm"])
     if n == 4:
         return grid_table(saes, ["fvu", "fvu_nonlinear"])
+    if n == 5:
+        return figure5_table(saes)
     raise ValueError(f"no Dark Matter figure {n}; saeflow builds {FIGURES}")
 
 
