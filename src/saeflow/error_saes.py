@@ -48,6 +48,7 @@ from torch import Tensor
 from saeflow import h5io, topk
 from saeflow.batches import ActivationBatches
 from saeflow.dark_matter.regression import F64, LinearFit, NormalEquations
+from saeflow.device import DEVICE_HELP, resolve_device
 from saeflow.saes import load_sae
 
 COMPONENTS = ("linear", "nonlinear")
@@ -125,15 +126,17 @@ class ComponentBatches:
     """
 
     def __init__(self, batches: ActivationBatches, sae: Any, fit: LinearFit,
-                 component: Component) -> None:
-        self.batches, self.sae, self.fit, self.component = batches, sae, fit, component
+                 component: Component, device: str = "cpu") -> None:
+        self.batches, self.component, self.device = batches, component, device
+        self.sae = sae.to(device)
+        self.fit = LinearFit(fit.weight.to(device), fit.bias.to(device), fit.solver)
         self.d = batches.d
 
     def __iter__(self) -> Self:
         return self
 
     def __next__(self) -> Tensor:
-        x = next(self.batches)  # [B, d]
+        x = next(self.batches).to(self.device)  # [B, d]
         return component_of(x, sae_error(self.sae, x), self.fit, self.component)
 
     def state_dict(self) -> dict[str, Any]:
@@ -165,7 +168,7 @@ def train_error_sae(acts_path: str, out_dir: str, cfg: topk.TopKTrainConfig, sou
     with ActivationBatches(acts_path, cfg.batch_size, cfg.seed, **batch_kw) as raw:
         _check_width(sae, raw.d, source.base_sae, acts_path)
         fit = read_fit(source.fit, raw.d)
-        batches = ComponentBatches(raw, sae, fit, source.component)
+        batches = ComponentBatches(raw, sae, fit, source.component, cfg.device)
         state = topk._resume(ckpt, cfg, batches)  # type: ignore[arg-type]
         first = None
         if state is None:
@@ -221,6 +224,7 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--hook-name", help="site, recorded in cfg.json")
     train.add_argument("--model-name", help="model, recorded in cfg.json")
     train.add_argument("--dataset", help="corpus, recorded in cfg.json")
+    train.add_argument("--device", default="cpu", help=DEVICE_HELP)
     return p
 
 
@@ -230,7 +234,7 @@ def _train_config(args: argparse.Namespace, d_in: int) -> topk.TopKTrainConfig:
     return topk.TopKTrainConfig(
         d_in=d_in, d_sae=args.d_sae, k=args.k, total_tokens=args.tokens,
         batch_size=args.batch_size, seed=args.seed, hook_name=args.hook_name,
-        model_name=args.model_name, dataset=args.dataset,
+        model_name=args.model_name, dataset=args.dataset, device=resolve_device(args.device),
         **{key: value for key, value in optional.items() if value is not None})
 
 
