@@ -8,6 +8,7 @@ families into one entry per SAE. Every error names the config key and what was e
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from saeflow.models import describe, parse_site
@@ -59,6 +60,11 @@ def check(config: dict) -> None:
             raise ConfigError(f"{key}: give either 'path' or both 'release' and 'sae_id'")
         if "path" not in sae and not ("release" in sae and "sae_id" in sae):
             raise ConfigError(f"{key}: 'release' and 'sae_id' go together")
+    for name, family in config.get("pretrained_families", {}).items():
+        key = f"pretrained_families.{name}"
+        _need(config, "models", family["model"], f"{key}.model")
+        _check_site(config, family["model"], family["site"], f"{key}.site")
+        expand_pretrained_family(name, family)  # raises on a bad template or width label
     _need(config, "corpora", config["evaluation"]["corpus"], "evaluation.corpus")
     _check_dark_matter(config)
 
@@ -68,7 +74,19 @@ def _check_dark_matter(config: dict) -> None:
     name = config.get("dark_matter", {}).get("family")
     if name is None:
         return
-    _need(config, "sae_families", name, "dark_matter.family")
+    pretrained = config.get("pretrained_families", {})
+    if name in pretrained:
+        widths = pretrained[name]["grid"]
+        if len(widths) < 3:
+            raise ConfigError(
+                f"dark_matter.family: pretrained family '{name}' has {len(widths)} width(s); "
+                "the power law FVU = c + a·W^(-m) needs at least 3"
+            )
+        return
+    if name not in config.get("sae_families", {}):
+        known = ", ".join(sorted([*config.get("sae_families", {}), *pretrained])) or "none"
+        raise ConfigError(f"dark_matter.family: '{name}' is not declared under 'sae_families' "
+                          f"or 'pretrained_families' (declared: {known})")
     family = config["sae_families"][name]
     if family["architecture"] not in ("topk", "batchtopk"):
         raise ConfigError(
@@ -94,11 +112,57 @@ def sae_table(config: dict) -> dict[str, dict[str, Any]]:
     for name, family in config["sae_families"].items():
         for sae_id, params in expand_family(name, family).items():
             table[sae_id] = {**params, "kind": "trained", "family": name}
+    for name, family in config.get("pretrained_families", {}).items():
+        for sae_id, entry in expand_pretrained_family(name, family).items():
+            if sae_id in table:
+                raise ConfigError(f"pretrained_families.{name}: id '{sae_id}' also produced by "
+                                  "another family")
+            table[sae_id] = entry
     for sae_id, sae in config.get("pretrained_saes", {}).items():
         if sae_id in table:
             raise ConfigError(f"pretrained_saes.{sae_id}: id also produced by an SAE family")
         table[sae_id] = {**sae, "kind": "pretrained"}
     return table
+
+
+def width_from_label(label: str | int, key: str) -> int:
+    """A release's width label as a number of latents: "16k" -> 16384, "65k" -> 65536.
+
+    Gemma Scope widths are powers of two named by their rounded thousands or millions ("131k"
+    is 2^17, "1m" is 2^20), so a k / m label is the power of two closest to it; a plain
+    number is taken as it is.
+    """
+    text = str(label)
+    scale = {"k": 10**3, "m": 10**6}.get(text[-1:].lower(), 1)
+    digits = text[:-1] if scale > 1 else text
+    if not digits.isdigit() or int(digits) < 1:
+        raise ConfigError(f"{key}: width label {label!r} is not a number optionally followed "
+                          "by k or m")
+    if scale == 1:
+        return int(digits)
+    return 1 << round(math.log2(int(digits) * scale))
+
+
+def expand_pretrained_family(name: str, family: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """A release's (width, L0) grid as pretrained SAE entries, ``{name}-w{label}-l0-{l0}``.
+
+    Gemma Scope names its SAEs ``layer_20/width_16k/average_l0_58``: the widths and L0s differ
+    from release to release, so the grid is listed per width label rather than as a product.
+    """
+    key = f"pretrained_families.{name}"
+    template = family["sae_id"]
+    if "{width}" not in template or "{l0}" not in template:
+        raise ConfigError(f"{key}.sae_id: {template!r} must contain {{width}} and {{l0}}")
+    entries = {}
+    for label, l0s in family["grid"].items():
+        width = width_from_label(label, f"{key}.grid")
+        for l0 in l0s:
+            entries[f"{name}-w{label}-l0-{l0}"] = {
+                "model": family["model"], "site": family["site"], "kind": "pretrained",
+                "family": name, "release": family["release"],
+                "sae_id": template.format(width=label, l0=l0), "width": width, "l0": l0,
+            }
+    return entries
 
 
 def sites_to_cache(config: dict, model: str) -> list[str]:
