@@ -154,7 +154,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         meta = sae_meta(args.sae_eval, args.sae_id, args.site, args.k)
         h5io.write_json(args.out, {**meta, **result})
         return
-    table = gather(args.inputs, "predictor")
+    table = gather(args.inputs, "predictor", PREDICTORS)
     table["label"] = table.predictor.map(LABELS)
     with h5io.atomic_path(args.out) as tmp:
         table.to_csv(tmp, index=False, float_format="%.10g")

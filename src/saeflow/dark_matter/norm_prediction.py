@@ -45,6 +45,7 @@ from saeflow.dark_matter.regression import (
     predict,
 )
 
+# the original's order (x, Sae(x), SaeError, LinearError, NonlinearError), then Sae(x) - nonlinear
 TARGETS = ("x", "sae", "sae_error", "linear_error", "nonlinear_error", "sae_minus_nonlinear")
 LABELS = {"x": "x", "sae": "Sae(x)", "sae_error": "SaeError(x)", "linear_error": "LinearError(x)",
           "nonlinear_error": "NonlinearError(x)", "sae_minus_nonlinear": "Sae(x) − NonlinearError(x)"}
@@ -122,15 +123,19 @@ def read_record(path: str, keys: Sequence[str]) -> dict:
     return record
 
 
-def gather(paths: Sequence[str], name_column: str) -> pd.DataFrame:
-    """Long table, one row per (SAE, entry of its ``r2`` dict), from per-SAE JSON files."""
+def gather(paths: Sequence[str], name_column: str, order: Sequence[str]) -> pd.DataFrame:
+    """Long table, one row per (SAE, entry of its ``r2`` dict) from per-SAE JSON files, the
+    entries in ``order`` (the plot draws them in table order)."""
     rows = []
     for path in paths:
         record = read_record(path, ["sae_id", "site", "width", "k", "mean_l0", "r2"])
         meta = {k: record.get(k) for k in ("sae_id", "site", "width", "k", "mean_l0",
                                            "n_fit", "n_test")}
         meta["layer"] = site_layer(record["site"])
-        rows += [{**meta, name_column: name, "r2": value} for name, value in record["r2"].items()]
+        missing = [name for name in order if name not in record["r2"]]
+        if missing:
+            raise h5io.InputFileError(f"{path}: no R² for {missing}")
+        rows += [{**meta, name_column: name, "r2": record["r2"][name]} for name in order]
     return pd.DataFrame(rows)
 
 
@@ -171,7 +176,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         meta = sae_meta(args.sae_eval, args.sae_id, args.site, args.k)
         h5io.write_json(args.out, {**meta, **result})
         return
-    table = gather(args.inputs, "target")
+    table = gather(args.inputs, "target", TARGETS)
     table["label"] = table.target.map(LABELS)
     with h5io.atomic_path(args.out) as tmp:
         table.to_csv(tmp, index=False, float_format="%.10g")

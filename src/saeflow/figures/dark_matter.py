@@ -188,10 +188,12 @@ def _matrix(fig: Figure, table: pd.DataFrame, column: str, title: str, unit: str
     values[np.tril_indices(len(values), k=-1)] = np.nan
     image = ax.imshow(values, cmap=opts.cmap)
     fig.colorbar(image, ax=ax, label=unit)
+    finite = values[np.isfinite(values)]
+    middle = (finite.min() + finite.max()) / 2 if finite.size else 0.0
     for (i, j), value in np.ndenumerate(values):
         if np.isfinite(value):
-            ax.text(j, i, f"{value:.2f}", ha="center", va="center", color="w",
-                    fontsize="small")
+            ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize="small",
+                    color="white" if value < middle else "black")
     ax.set_xticks(range(values.shape[1]), [f"{w:g}" for w in grid.columns], rotation=45)
     ax.set_yticks(range(values.shape[0]), [f"{w:g}" for w in grid.index])
     ax.set_xlabel("SAE width (target ‖err‖)")
@@ -207,8 +209,8 @@ def draw_figure6(fig: Figure, table: pd.DataFrame, opts: PlotOptions) -> None:
 
 def draw_figure10a(fig: Figure, table: pd.DataFrame, opts: PlotOptions) -> None:
     """Share of the unexplained variance that ‖nonlinear_x‖ explains when added (percent)."""
-    _matrix(fig, table, "improvement_percent",
-            "Gain from adding ‖nonlinear error‖ of the predictor SAE", "% of 1 − R²", opts)
+    _matrix(fig, table, "improvement_percent", "Gain from adding ‖nonlinear err‖",
+            "% of 1 − R² explained", opts)
 
 
 def _window_lines(ax: Axes, table: pd.DataFrame, column: str, lw: float = 0.8) -> None:
@@ -317,6 +319,12 @@ def draw_figure14(fig: Figure, table: pd.DataFrame, opts: PlotOptions) -> None:
             label="running mean of $(a^*)^T d_i$")
     ax.plot(rows["rank"], rows.mean_act_when_active, lw=1.2, color="k",
             label="mean activation when active")
+    # the raw similarities are noisy; scale the axis to the smoothed curve and the activations
+    # (as the original's fixed ylim did), so the comparison stays readable
+    shown = np.concatenate([rows.probe_similarity_smoothed, rows.mean_act_when_active])
+    low, high = float(np.min(shown)), float(np.max(shown))
+    pad = 0.5 * (high - low or 1.0)
+    ax.set_ylim(low - pad, high + pad)
     first = rows.iloc[0]
     ax.set_title(f"{first.sae_id}: norm fit R² {first.norm_r2:.3f}, "
                  f"Pearson r {first.pearson:.3f}")
