@@ -193,6 +193,13 @@ def test_streamed_fit_matches_a_float64_reference_whatever_the_chunks():
         np.testing.assert_allclose(r2.per_dim.numpy(), _ols_r2(x, y, ~test.numpy()), rtol=1e-9)
 
 
+def test_norm_rows_never_touch_the_error_splits_fit_rows():
+    is_test = split_mask(101, 0.5, 3)
+    fit, score = norm_prediction.held_out_subsplit(is_test, 0.5, 0)
+    assert not (fit & score).any() and torch.equal(fit | score, is_test)
+    assert abs(int(fit.sum()) - int(score.sum())) <= 1
+
+
 # ---------------------------------------------------------------- Figure 5 table
 
 
@@ -325,6 +332,8 @@ def test_norm_tables(tables):
     fig7 = pd.read_csv(tables / "figure7.csv")
     assert len(fig7) == 3 * len(norm_prediction.TARGETS) and fig7.r2.notna().all()
     assert set(fig7.layer) == {3}
+    # only the error split's held-out rows, split again: the nonlinear part is out of sample
+    assert (fig7.n_fit + fig7.n_test == int(split_mask(N, 0.5, 0).sum())).all()
     fig13 = pd.read_csv(tables / "figure13.csv")
     assert len(fig13) == 3 * len(norm_baselines.PREDICTORS)
     assert list(fig7.target[:6]) == list(norm_prediction.TARGETS)  # the plot's order

@@ -245,6 +245,8 @@ rule norm_prediction:
     params:
         site=sae_site,
         k=sae_k_flag,
+        test_fraction=DM["test_fraction"],
+        seed=DM["seed"],
         chunk=DM["chunk_tokens"],
         code=code_version("dark_matter.norm_prediction", "dark_matter.regression"),
     log:
@@ -259,6 +261,7 @@ rule norm_prediction:
         "python -m saeflow.dark_matter.norm_prediction fit --acts {input.acts}"
         " --sae-eval {input.sae_eval} --split {input.split} --out {output.result}"
         " --sae-id {wildcards.sae_id} --site {params.site} {params.k}"
+        " --test-fraction {params.test_fraction} --seed {params.seed}"
         " --chunk-tokens {params.chunk} > {log} 2>&1"
 
 

@@ -10,16 +10,19 @@ Sae(x); linear and nonlinear parts from :mod:`~saeflow.dark_matter.error_split`)
 
     x, Sae(x), SaeError, LinearError, NonlinearError, Sae(x) − NonlinearError
 
-fitting on the error split's train rows and scoring R² on its held-out rows (``is_test`` of
-``split.h5``, so the split is the error split's seeded one). "x" is the bar the paper draws for
-‖x‖². ``table`` gathers one row per (SAE, target) over the family.
+on the error split's held-out rows only (``is_test`` of ``split.h5``), split again with the same
+seeded :func:`~saeflow.dark_matter.regression.split_mask` (``test_fraction``, ``seed``) into fit
+and score rows. Why not the error split's own train rows: there the nonlinear part is an
+in-sample residual, shrunk by about (1 − d/n_train) against the held-out rows, and a norm fitted
+on shrunk residuals and scored on full ones gets a strongly negative R² when n_train is not much
+larger than d (the original had n = 150k ≫ d = 3584 and did not notice). "x" is the bar the
+paper draws for ‖x‖². ``table`` gathers one row per (SAE, target) over the family.
 
 Original (``norm_prediction_violin.py``): it appended the ones column to the *target* matrix
 instead of the regressor (so the fit had no intercept and the target's norm included an extra 1),
 shuffled without a seed, and fitted on every row the nonlinear part was fitted on. Here the
-bias is in the regressors, the split is seeded, and R² is held out. The nonlinear part is
-still the residual of the error split's fit, which is an in-sample residual on the fit rows;
-that is the same for every SAE and matches how the original used it.
+bias is in the regressors, the split is seeded, and every row used is held out from the fit that
+defines the nonlinear part.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from saeflow.dark_matter.regression import (
     R2Accumulator,
     R2Result,
     predict,
+    split_mask,
 )
 
 # the original's order (x, Sae(x), SaeError, LinearError, NonlinearError), then Sae(x) - nonlinear
@@ -81,8 +85,18 @@ def squared_norms(x: Tensor, error: Tensor, linear: Tensor, nonlinear: Tensor) -
     return torch.stack([p.square().sum(1) for p in parts], dim=1)
 
 
-def fit_norms(acts_path: str, eval_path: str, split_path: str, chunk: int) -> dict:
-    """Held-out R² of each target's squared norm from x, on the error split's rows."""
+def held_out_subsplit(is_test: Tensor, test_fraction: float, seed: int) -> tuple[Tensor, Tensor]:
+    """(fit rows, score rows) [n] bool: the error split's held-out rows, split again (seeded)."""
+    rows = is_test.nonzero().squeeze(1)
+    score_sub = split_mask(len(rows), test_fraction, seed)
+    fit, score = torch.zeros_like(is_test), torch.zeros_like(is_test)
+    fit[rows[~score_sub]], score[rows[score_sub]] = True, True
+    return fit, score
+
+
+def fit_norms(acts_path: str, eval_path: str, split_path: str, test_fraction: float, seed: int,
+              chunk: int) -> dict:
+    """Held-out R² of each target's squared norm from x, on the error split's held-out rows."""
     acts = h5io.open_checked(acts_path, datasets={"acts": (None, None), "tokens": (None,)})
     n, d = acts["acts"].shape
     with acts, h5io.open_checked(eval_path, datasets={"error": (n, d), "tokens": (n,)}) as ev, \
@@ -101,7 +115,8 @@ def fit_norms(acts_path: str, eval_path: str, split_path: str, chunk: int) -> di
                                        [(ev, "error"), (sp, "linear"), (sp, "nonlinear")]))
                 yield rows, x, y
 
-        _, r2, n_fit = streamed_fit(chunks, ~is_test, is_test, d, len(TARGETS))
+        fit_rows, score_rows = held_out_subsplit(is_test, test_fraction, seed)
+        _, r2, n_fit = streamed_fit(chunks, fit_rows, score_rows, d, len(TARGETS))
     return {"r2": dict(zip(TARGETS, map(float, r2.per_dim))), "n_fit": n_fit, "n_test": r2.n}
 
 
@@ -159,6 +174,9 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--sae-id", required=True)
     f.add_argument("--site", required=True, help="hook site of the SAE")
     f.add_argument("--k", type=int, default=None, help="the SAE's k, if it has one")
+    f.add_argument("--test-fraction", type=float, default=0.5,
+                   help="share of the error split's held-out rows that score the fits")
+    f.add_argument("--seed", type=int, default=0, help="seed of that split")
     f.add_argument("--chunk-tokens", type=int, default=4096, help="rows read at once")
     t = sub.add_parser("table", help="Figure 7's table from the per-SAE files")
     t.add_argument("--inputs", nargs="+", required=True, help="per-SAE .json files")
@@ -170,9 +188,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     torch.set_num_threads(1)
     args = _parser().parse_args(argv)
     if args.command == "fit":
-        if args.chunk_tokens < 1:
-            raise SystemExit("--chunk-tokens must be >= 1")
-        result = fit_norms(args.acts, args.sae_eval, args.split, args.chunk_tokens)
+        if args.chunk_tokens < 1 or not 0 < args.test_fraction < 1:
+            raise SystemExit("--chunk-tokens must be >= 1 and --test-fraction in (0, 1)")
+        result = fit_norms(args.acts, args.sae_eval, args.split, args.test_fraction, args.seed,
+                           args.chunk_tokens)
+        result |= {"test_fraction": args.test_fraction, "seed": args.seed}
         meta = sae_meta(args.sae_eval, args.sae_id, args.site, args.k)
         h5io.write_json(args.out, {**meta, **result})
         return
