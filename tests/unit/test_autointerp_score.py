@@ -35,7 +35,8 @@ def news_windows(tokenizer, n_docs: int = 200) -> np.ndarray:
     return np.asarray(ids[: n * CTX], np.int32).reshape(n, CTX)
 
 
-def latent_examples(windows: np.ndarray, tokenizer, word: str, rng: np.random.Generator):
+def latent_examples(windows: np.ndarray, tokenizer, word: str, rng: np.random.Generator,
+                    per_decile: int = PER_DECILE, n_random: int = N_RANDOM):
     """(tokens [E, CTX], acts [E, CTX], kind [E], decile [E]) of a latent firing on ``word``.
 
     Activation is a random strength at each occurrence of the word's token; deciles are
@@ -50,10 +51,10 @@ def latent_examples(windows: np.ndarray, tokenizer, word: str, rng: np.random.Ge
     top, rest = active[:N_TOP], active[N_TOP:][::-1]  # rest: ascending activation
     bins = np.array_split(rest, 10)
     tests = [(int(rng.choice(b)), d + 1) for d, b in enumerate(bins)
-             for _ in range(PER_DECILE)]
+             for _ in range(per_decile)]
     pattern = re.compile(rf"\b{word.strip()}\b", re.IGNORECASE)
     quiet = [i for i in rng.permutation(len(windows))
-             if not hits[i].any() and not pattern.search(tokenizer.decode(windows[i]))][:N_RANDOM]
+             if not hits[i].any() and not pattern.search(tokenizer.decode(windows[i]))][:n_random]
     slots = list(top) + [i for i, _ in tests] + quiet
     kind = [1] * len(top) + [2] * len(tests) + [3] * len(quiet) + [0]  # one padding slot
     decile = [0] * len(top) + [d for _, d in tests] + [0] * len(quiet) + [0]
@@ -62,11 +63,11 @@ def latent_examples(windows: np.ndarray, tokenizer, word: str, rng: np.random.Ge
     return tokens, acts, np.array(kind, np.int8), np.array(decile, np.int8)
 
 
-def write_examples(path: Path, tokenizer, words=WORDS, seed: int = 0) -> Path:
+def write_examples(path: Path, tokenizer, words=WORDS, seed: int = 0, **sizes: int) -> Path:
     """An examples file in the agreed format (see saeflow.autointerp.score), complete-marked."""
     rng = np.random.default_rng(seed)
     windows = news_windows(tokenizer)
-    parts = [latent_examples(windows, tokenizer, w, rng) for w in words]
+    parts = [latent_examples(windows, tokenizer, w, rng, **sizes) for w in words]
     with h5io.atomic_path(path) as tmp, h5py.File(tmp, "w") as h5:
         h5["latents"] = np.array([101, 202][: len(words)], np.int64)
         for i, name in enumerate(("tokens", "acts", "kind", "decile")):
@@ -244,21 +245,26 @@ def test_cli_argument_errors(capsys):
 
 
 @pytest.mark.integration
-def test_real_transformers_serve_scores_two_latents(tmp_path, examples_file, tokenizer_dir):
-    """The packaged SmolLM2 behind the real ``transformers serve``, through local_server."""
-    args = cli(tmp_path, examples_file, tokenizer_dir, "unused", "--concurrency", "2",
-               "--n-explain", "3", "--timeout", "120")
-    ex = score.read_examples(str(examples_file))
+def test_real_transformers_serve_scores_two_latents(tmp_path, tokenizer_dir):
+    """The packaged SmolLM2 behind the real ``transformers serve``, through local_server.
+
+    Small on purpose (2 latents x (1 explanation + 2 x 2 scorer prompts) = 10 requests).
+    """
+    small = write_examples(tmp_path / "small.h5", load_tokenizer(str(tokenizer_dir)),
+                           per_decile=1, n_random=2)
+    args = cli(tmp_path, small, tokenizer_dir, "unused", "--concurrency", "2",
+               "--n-explain", "3", "--examples-per-prompt", "6", "--timeout", "300")
+    ex = score.read_examples(str(small))
     log = tmp_path / "server.log"
     with pytest.raises(RuntimeError, match="body failed"), \
             local_server(tokenizer_dir, log, threads=2) as srv:
         records, summary = asyncio.run(score.score_with(srv.base_url, srv.model, ex, args))
-        assert summary["requests"] == summary["calls"] == CALLS and summary["failures"] == 0
+        assert summary["requests"] == summary["calls"] == 10 and summary["failures"] == 0
         assert len(records) == 2 and all(r["explanation"] for r in records)
         for name in ("detection", "fuzzing"):  # a 135M judge: counts add up, values are weak
             total = sum(sum(r[name]["decile_totals"]) + r[name]["nonactivating_totals"]
                         for r in records)
-            assert total + 5 * summary[name]["unparseable"] == 2 * N_ITEMS
+            assert total + 6 * summary[name]["unparseable"] == 2 * 12
         raise RuntimeError("body failed")
     assert not port_open(srv.port)
     with pytest.raises(ProcessLookupError):

@@ -66,21 +66,44 @@ def _numbered(examples: Sequence[str]) -> str:
     return "\n".join(f"Example {i + 1}: {text.strip()}" for i, text in enumerate(examples))
 
 
+def _explain_user(examples: Sequence[str]) -> str:
+    return f"{_numbered(examples)}\n\nWhat do the marked tokens have in common?"
+
+
+def _score_user(explanation: str, examples: Sequence[str]) -> str:
+    return (f"Feature: {explanation}\n\n{_numbered(examples)}\n\n"
+            f"Answer with a Python list of {len(examples)} values (0 or 1).")
+
+
+# One worked exchange per task, as delphi's prompts carry: small models copy the answer's form.
+EXPLAINER_DEMO = (["My <<dog>> chased the ball.", "A <<cat>> sat on the mat.",
+                   "We fed the <<horses>> at noon."], "[EXPLANATION]: names of animals")
+DETECTION_DEMO = ("names of animals", ["My dog chased the ball.", "It rained all day.",
+                                       "A cat sat on the mat."], "[1, 0, 1]")
+FUZZING_DEMO = ("names of animals", ["My <<dog>> chased the ball.", "It <<rained>> all day.",
+                                     "A <<cat>> sat on the mat."], "[1, 0, 1]")
+
+
+def _with_demo(system: str, demo_user: str, demo_answer: str, user: str) -> Messages:
+    return [{"role": "system", "content": system}, {"role": "user", "content": demo_user},
+            {"role": "assistant", "content": demo_answer}, {"role": "user", "content": user}]
+
+
 def explainer_messages(examples: Sequence[str]) -> Messages:
     """Ask for an explanation of a latent from its top-activating examples (tokens marked)."""
-    user = f"{_numbered(examples)}\n\nWhat do the marked tokens have in common?"
-    return [{"role": "system", "content": EXPLAINER_SYSTEM}, {"role": "user", "content": user}]
+    demo, answer = EXPLAINER_DEMO
+    return _with_demo(EXPLAINER_SYSTEM, _explain_user(demo), answer, _explain_user(examples))
 
 
 def detection_messages(explanation: str, examples: Sequence[str]) -> Messages:
     """Ask which of ``examples`` (unmarked) contain the feature ``explanation`` describes."""
-    user = (f"Feature: {explanation}\n\n{_numbered(examples)}\n\n"
-            f"Answer with a Python list of {len(examples)} values (0 or 1).")
-    return [{"role": "system", "content": DETECTION_SYSTEM}, {"role": "user", "content": user}]
+    feature, demo, answer = DETECTION_DEMO
+    return _with_demo(DETECTION_SYSTEM, _score_user(feature, demo), answer,
+                      _score_user(explanation, examples))
 
 
 def fuzzing_messages(explanation: str, examples: Sequence[str]) -> Messages:
     """Ask, for each marked example, whether its marked tokens match ``explanation``."""
-    user = (f"Feature: {explanation}\n\n{_numbered(examples)}\n\n"
-            f"Answer with a Python list of {len(examples)} values (0 or 1).")
-    return [{"role": "system", "content": FUZZING_SYSTEM}, {"role": "user", "content": user}]
+    feature, demo, answer = FUZZING_DEMO
+    return _with_demo(FUZZING_SYSTEM, _score_user(feature, demo), answer,
+                      _score_user(explanation, examples))
