@@ -355,6 +355,7 @@ rule probe_similarity:
         test_fraction=DM["test_fraction"],
         seed=DM["seed"],
         smooth=DM["probe_smooth"],
+        intercept="--intercept" if DM["probe_intercept"] else "--no-intercept",
         chunk=DM["chunk_tokens"],
         code=code_version(
             "dark_matter.probe_similarity",
@@ -374,5 +375,6 @@ rule probe_similarity:
         " --acts {input.acts} --sae-eval {input.sae_eval} --out {output.table}"
         " --metrics {output.metrics} --sae-id {params.sae_id}"
         " --test-fraction {params.test_fraction} --seed {params.seed}"
-        " --smooth {params.smooth} --chunk-tokens {params.chunk} --threads {threads}"
+        " --smooth {params.smooth} {params.intercept} --chunk-tokens {params.chunk}"
+        " --threads {threads}"
         " > {log} 2>&1"

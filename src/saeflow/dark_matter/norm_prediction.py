@@ -58,8 +58,9 @@ Chunks = Callable[[], Iterator[tuple[slice, Tensor, Tensor]]]  # -> (rows, x [m,
 
 
 def streamed_fit(chunks: Chunks, fit_rows: Tensor, test_rows: Tensor, d_in: int,
-                 d_out: int) -> tuple[LinearFit, R2Result, int]:
-    """Least squares of y on [x, 1] over ``fit_rows``, R² per target on ``test_rows``.
+                 d_out: int, intercept: bool = True) -> tuple[LinearFit, R2Result, int]:
+    """Least squares of y on [x, 1] (on x alone without ``intercept``) over ``fit_rows``, R² per
+    target on ``test_rows``.
 
     Two passes over ``chunks()`` (O(d²) memory); fit_rows, test_rows: [n] bool.
     Returns (fit, held-out R², number of fit rows).
@@ -68,7 +69,7 @@ def streamed_fit(chunks: Chunks, fit_rows: Tensor, test_rows: Tensor, d_in: int,
     for rows, x, y in chunks():
         keep = fit_rows[rows]
         normal.update(x[keep], y[keep])
-    fit = normal.solve()
+    fit = normal.solve(intercept=intercept)
     score = R2Accumulator(d_out)
     for rows, x, y in chunks():
         keep = test_rows[rows]

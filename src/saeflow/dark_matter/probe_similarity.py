@@ -5,15 +5,18 @@
 [--smooth 100] [--chunk-tokens 4096] [--threads 0]``
 
 As ``latent_activations_vs_probe_sim.py`` of the original: with z = Sae(x) − b_dec (the
-reconstruction without the decoder bias), fit the squared norm linearly, ‖z‖² ≈ z·a* + b. If one
+reconstruction without the decoder bias), fit the squared norm linearly, ‖z‖² ≈ z·a*. If one
 latent i fires alone with value v, z = v·d_i (d_i its unit decoder row) and ‖z‖² = v², so the fit
 can only be good if d_i·a* ≈ v for the typical v: the "probe" a* must align with each latent in
-proportion to how strongly it fires. The figure sorts live latents by their mean activation when
+proportion to how strongly it fires.
+
+No intercept by default, unlike saeflow's other fits and as the original: ‖z‖² = 0 at z = 0, so
+the model passes through the origin, and an intercept b turns the relation into
+d_i·a* ≈ v − b/v, which no longer compares with v (``--intercept`` fits one anyway). The figure sorts live latents by their mean activation when
 active (``latent_mean_act`` of the evaluation file) and draws d_i·a* next to it, with a running
 mean over ``smooth`` neighbouring latents.
 
-Differences from the original: the fit has a bias column b (the original had none), is fitted on
-the seeded train rows and its R² is scored on held-out rows (the original fitted and reported on
+Differences from the original: the fit is fitted on the seeded train rows and its R² is scored on held-out rows (the original fitted and reported on
 unseeded halves); decoder rows are used as stored (saeflow's TopK keeps them at unit norm; for
 other SAEs d_i·a* is scaled by ‖d_i‖, and the table records ‖d_i‖). Dead latents (never active
 on the evaluation tokens) have no mean activation and are left out.
@@ -68,8 +71,10 @@ def probe_table(w_dec: Tensor, probe: Tensor, mean_act: np.ndarray, freq: np.nda
 
 
 def fit_probe(acts_path: str, eval_path: str, b_dec: Tensor, test_fraction: float, seed: int,
-              chunk: int) -> tuple[Tensor, float, float, np.ndarray, np.ndarray]:
-    """(a* [d], bias, held-out R², mean_act [d_sae], freq [d_sae]) of ‖z‖² ≈ z·a* + b."""
+              chunk: int, intercept: bool = False
+              ) -> tuple[Tensor, float, float, np.ndarray, np.ndarray]:
+    """(a* [d], bias (0 without intercept), held-out R², mean_act [d_sae], freq [d_sae]) of
+    ‖z‖² ≈ z·a* (+ b)."""
     acts, sae_eval = open_inputs(acts_path, eval_path)
     with acts, sae_eval:
         n, d = acts["acts"].shape
@@ -83,7 +88,7 @@ def fit_probe(acts_path: str, eval_path: str, b_dec: Tensor, test_fraction: floa
                 z = (x - sae_error - b_dec).to(F64)  # Sae(x) - b_dec
                 yield rows, z, z.square().sum(1, keepdim=True)
 
-        fit, r2, _ = streamed_fit(chunks, ~is_test, is_test, d, 1)
+        fit, r2, _ = streamed_fit(chunks, ~is_test, is_test, d, 1, intercept)
         mean_act, freq = sae_eval["latent_mean_act"][:], sae_eval["latent_freq"][:]
     return fit.weight[:, 0], float(fit.bias[0]), r2.pooled, mean_act, freq
 
@@ -98,7 +103,8 @@ def correlations(table: pd.DataFrame) -> dict:
 def run(args: argparse.Namespace) -> dict:
     w_dec, b_dec = decoder(load_sae(args.sae))
     probe, bias, r2, mean_act, freq = fit_probe(args.acts, args.sae_eval, b_dec,
-                                                args.test_fraction, args.seed, args.chunk_tokens)
+                                                args.test_fraction, args.seed, args.chunk_tokens,
+                                                args.intercept)
     if len(freq) != w_dec.shape[0]:
         raise h5io.InputFileError(f"{args.sae_eval}: {len(freq)} latents, the SAE has "
                                   f"{w_dec.shape[0]}")
@@ -109,7 +115,7 @@ def run(args: argparse.Namespace) -> dict:
         table.to_csv(tmp, index=False, float_format="%.10g")
     metrics = {"sae_id": args.sae_id, "norm_r2": r2, "bias": bias, "n_live": len(table),
                "n_latents": len(freq), "test_fraction": args.test_fraction, "seed": args.seed,
-               "smooth": args.smooth, **corr}
+               "smooth": args.smooth, "intercept": args.intercept, **corr}
     h5io.write_json(args.metrics, metrics)
     return metrics
 
@@ -127,6 +133,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--test-fraction", type=float, default=0.5, help="held-out share of rows")
     p.add_argument("--seed", type=int, default=0, help="seed of the split")
     p.add_argument("--smooth", type=int, default=100, help="latents in the running mean")
+    p.add_argument("--intercept", action=argparse.BooleanOptionalAction, default=False,
+                   help="fit ‖z‖² ≈ z·a* + b instead of through the origin")
     p.add_argument("--chunk-tokens", type=int, default=4096, help="rows read at once")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
     args = p.parse_args(argv)
