@@ -171,3 +171,18 @@ def test_a_fit_of_the_wrong_width_is_rejected(tmp_path):
         h5io.mark_complete(h5)
     with pytest.raises(h5io.InputFileError, match="'weight' has shape"):
         dce.load_error_map(str(tmp_path / "fit.h5"), 8)
+
+
+def test_figure9_plot_is_drawn_from_its_table_only_and_reproducibly(tmp_path):
+    from saeflow.figures import error_effects
+
+    dce.figure9_table(_records(), 20, None).to_csv(tmp_path / "figure9.csv", index=False)
+    for name in ("a.pdf", "b.pdf"):
+        error_effects.main(["--figure", "9", "--table", str(tmp_path / "figure9.csv"),
+                            "--out", str(tmp_path / name)])
+    assert (tmp_path / "a.pdf").read_bytes() == (tmp_path / "b.pdf").read_bytes()
+    pd.DataFrame({"panel": ["width"]}).to_csv(tmp_path / "bad.csv", index=False)
+    with pytest.raises(h5io.InputFileError, match="bad.csv: columns .*'pct_recovered'"):
+        error_effects.main(["--figure", "9", "--table", str(tmp_path / "bad.csv"),
+                            "--out", str(tmp_path / "c.pdf")])
+    assert not (tmp_path / "c.pdf").exists()

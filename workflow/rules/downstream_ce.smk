@@ -5,6 +5,26 @@
 DCE = DM.get("downstream_ce", {})
 
 
+def configured_sae(sae_id, key):
+    """``sae_id`` if given (checked), else the family's narrowest SAE at the L0 closest to
+    headline_l0 (the original's "16k, L0 ~ 60" choice for Figures 10b and 15)."""
+    if sae_id:
+        if sae_id not in SAES:
+            raise WorkflowError(
+                f"{key}: '{sae_id}' is not an SAE of this config (known: {', '.join(sorted(SAES))})"
+            )
+        return sae_id
+    if not DM_SAES:
+        return None
+
+    def width_l0(candidate):
+        sae = SAES[candidate]
+        l0 = sae.get("k", sae.get("l0"))
+        return sae.get("d_sae", sae.get("width")), abs(l0 - DM["headline_l0"]), l0
+
+    return min(DM_SAES, key=width_l0)
+
+
 def figure9_k_width(wildcards):
     """--k-width only when the config names one, so the default follows the family's widths."""
     width = DCE.get("k_width")
@@ -44,7 +64,7 @@ rule downstream_ce:
         " --fit {input.fit} --model {params.model} --tokens {input.tokens} --site {params.site}"
         " --out {output.result} --sae-id {wildcards.sae_id} --seqs {params.seqs}"
         " --batch-size {params.batch_size} --skip-positions {params.skip} --threads {threads}"
-        " > {log} 2>&1"
+        " --device auto > {log} 2>&1"
 
 
 rule downstream_ce_table:

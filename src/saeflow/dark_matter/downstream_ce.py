@@ -50,6 +50,7 @@ from torch import Tensor
 
 from saeflow import h5io
 from saeflow.activations import envoy_for
+from saeflow.device import DEVICE_HELP, resolve_device
 from saeflow.metrics import next_token_ce
 from saeflow.models import load_model, resolve_site
 from saeflow.sae_eval import spliced_logits
@@ -67,7 +68,7 @@ def load_error_map(path: str, d: int) -> tuple[Tensor, Tensor]:
 
 def linear_error(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
     """x [..., d] -> x·a + b [..., d], in x's dtype (the map is kept in float64 on disk)."""
-    return x @ weight.to(x.dtype) + bias.to(x.dtype)
+    return x @ weight.to(x) + bias.to(x)
 
 
 def replacements(sae: Callable[[Tensor], Tensor], weight: Tensor, bias: Tensor
@@ -101,6 +102,7 @@ def spliced_ce(model: torch.nn.Module, site: str, tokens: np.ndarray, skip: int,
     with torch.inference_mode():
         for start in range(0, len(tokens), batch_size):
             ids = torch.from_numpy(tokens[start : start + batch_size].astype(np.int64))
+            ids = ids.to(model.device)
             sums["clean"] += float(next_token_ce(model(ids).logits, ids)[:, skip:].sum())
             for name, replace in settings.items():
                 logits = spliced_logits(traced, model, envoy, ids, skip, replace)
@@ -120,14 +122,15 @@ def ce_result(ce: Mapping[str, float]) -> dict[str, float]:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Load the SAE, its fitted error map and the model; write the per-SAE JSON."""
-    sae = load_sae(args.sae)
+    device = resolve_device(args.device)
+    sae = load_sae(args.sae).to(device)
     weight, bias = load_error_map(args.fit, sae.cfg.d_in)
     with h5io.open_checked(args.tokens, datasets={"tokens": (None, None)}) as h5:
         tokens = h5["tokens"][: args.seqs]
     if tokens.shape[1] <= args.skip_positions + 1:
         raise ValueError(f"{args.tokens}: context {tokens.shape[1]} leaves no prediction after "
                          f"skipping {args.skip_positions} positions")
-    model, _ = load_model(args.model)
+    model, _ = load_model(args.model, device=device)
     ce = spliced_ce(model, args.site, tokens, args.skip_positions, args.batch_size,
                     replacements(sae, weight, bias))
     cfg = json.loads((Path(args.sae) / "cfg.json").read_text())
@@ -220,6 +223,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     r.add_argument("--batch-size", type=int, default=8, help="sequences per forward")
     r.add_argument("--skip-positions", type=int, default=1, help="leading positions not spliced")
     r.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
+    r.add_argument("--device", default="cpu", help=DEVICE_HELP)
     t = sub.add_parser("table", help="tables/figure9.csv from the per-SAE results")
     t.add_argument("--sae-ids", nargs="+", required=True)
     t.add_argument("--results", nargs="+", required=True, help="per-SAE downstream_ce.json")

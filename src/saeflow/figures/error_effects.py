@@ -73,9 +73,10 @@ def draw_figure9(fig: Figure, table: pd.DataFrame, opts: PlotOptions) -> None:
         ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel(xlabel)
         ax.spines[["top", "right"]].set_visible(False)
-        fixed = (f"L0 ≈ {rows.l0.iloc[0]:g}" if panel == "width"
-                 else f"width {int(rows.width.iloc[0])}") if len(rows) else ""
-        ax.set_title(f"vs {xlabel.split()[-1] if panel == 'k' else 'width'} ({fixed})")
+        if len(rows) and panel == "width":
+            ax.set_title(f"vs width (L0 ≈ {', '.join(f'{v:g}' for v in rows.l0.unique())})")
+        elif len(rows):
+            ax.set_title(f"vs L0 (width {int(rows.width.iloc[0])})")
     axes[0].set_ylabel("% of CE loss recovered")
     axes[1].legend(loc="best", fontsize="small", frameon=False)
 
@@ -116,7 +117,8 @@ def draw_figure10b(fig: Figure, table: pd.DataFrame, opts: PlotOptions) -> None:
             part = rows[rows.predictor == predictor].set_index("source").reindex(sources)
             ax.bar(np.arange(len(sources)) + (i - (len(predictors) - 1) / 2) * width,
                    part.r2.to_numpy(), width, color=color, label=predictor)
-        ax.set_xticks(range(len(sources)), sources, rotation=30, ha="right")
+        labels = [s.replace("blocks.", "L").replace(".hook_", " ") for s in sources]
+        ax.set_xticks(range(len(sources)), labels, rotation=30, ha="right")
         ax.axhline(0, color="0.4", lw=0.7)
         ax.set_title(f"target: {target}")
         ax.spines[["top", "right"]].set_visible(False)
