@@ -32,6 +32,19 @@ def listed_saes(key, default):
     return names
 
 
+def check_window():
+    """Figures 11-12's window must start inside the evaluation tokens; say so before any job."""
+    corpus = config["corpora"][EVAL_CORPUS]
+    kept = corpus["ctx_len"] - config["activations"]["skip_positions"]
+    n_tokens = corpus["n_seq"] * kept
+    if DM["family"] and DM["window_start"] >= n_tokens:
+        raise WorkflowError(
+            f"dark_matter.window_start: {DM['window_start']} is past the {n_tokens} evaluation "
+            f"tokens of corpora.{EVAL_CORPUS} (n_seq x (ctx_len - skip_positions))"
+        )
+
+
+check_window()
 DM_HEADLINE_SAES = headline_saes()
 DM_BASELINE_SAES = listed_saes("baseline_saes", DM_SAES)
 DM_PROBE_SAE = listed_saes("probe_sae", DM_HEADLINE_SAES[-1:])
