@@ -213,19 +213,13 @@ rule dark_matter_per_token:
     input:
         sae_eval=family_files("sae_eval/{sae_id}/{corpus}.h5", DM_HEADLINE_SAES),
         split=family_files("dark_matter/{sae_id}/{corpus}/split.h5", DM_HEADLINE_SAES),
-        tokenizer=dm_tokenizer_input,
     output:
         fig6="tables/figure6.csv",
         fig10a="tables/figure10a.csv",
-        fig11="tables/figure11.csv",
-        fig12="tables/figure12.csv",
     params:
         sae_ids=DM_HEADLINE_SAES,
-        tokenizer=dm_tokenizer(),
         test_fraction=DM["test_fraction"],
         seed=DM["seed"],
-        window_start=DM["window_start"],
-        window_length=DM["window_length"],
         chunk=DM["chunk_tokens"],
         code=code_version("dark_matter.per_token", "dark_matter.regression"),
     log:
@@ -239,10 +233,37 @@ rule dark_matter_per_token:
     shell:
         "python -m saeflow.dark_matter.per_token --sae-ids {params.sae_ids}"
         " --sae-eval {input.sae_eval} --split {input.split} --fig6 {output.fig6}"
-        " --fig10a {output.fig10a} --fig11 {output.fig11} --fig12 {output.fig12}"
-        " --test-fraction {params.test_fraction} --seed {params.seed}"
-        " --window-start {params.window_start} --window-length {params.window_length}"
-        " --tokenizer {params.tokenizer} --chunk-tokens {params.chunk} > {log} 2>&1"
+        " --fig10a {output.fig10a} --test-fraction {params.test_fraction}"
+        " --seed {params.seed} --chunk-tokens {params.chunk} > {log} 2>&1"
+
+
+rule dark_matter_token_window:
+    input:
+        sae_eval=family_files("sae_eval/{sae_id}/{corpus}.h5", DM_HEADLINE_SAES),
+        split=family_files("dark_matter/{sae_id}/{corpus}/split.h5", DM_HEADLINE_SAES),
+        tokenizer=dm_tokenizer_input,
+    output:
+        fig11="tables/figure11.csv",
+        fig12="tables/figure12.csv",
+    params:
+        sae_ids=DM_HEADLINE_SAES,
+        tokenizer=dm_tokenizer(),
+        window_start=DM["window_start"],
+        window_length=DM["window_length"],
+        chunk=DM["chunk_tokens"],
+        code=code_version("dark_matter.per_token"),
+    log:
+        "logs/dark_matter_token_window/window.log",
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=10,
+    shell:
+        "python -m saeflow.dark_matter.per_token --sae-ids {params.sae_ids}"
+        " --sae-eval {input.sae_eval} --split {input.split} --fig11 {output.fig11}"
+        " --fig12 {output.fig12} --window-start {params.window_start}"
+        " --window-length {params.window_length} --tokenizer {params.tokenizer}"
+        " --chunk-tokens {params.chunk} > {log} 2>&1"
 
 
 rule norm_prediction:

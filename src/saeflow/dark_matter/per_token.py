@@ -1,9 +1,12 @@
 """Stage: per-token SAE error norms across widths, the tables behind Figures 6, 10a, 11 and 12.
 
 ``python -m saeflow.dark_matter.per_token --sae-ids ID... --sae-eval E.h5... --split S.h5...
---fig6 tables/figure6.csv --fig10a tables/figure10a.csv --fig11 tables/figure11.csv
---fig12 tables/figure12.csv [--test-fraction 0.5] [--seed 0] [--window-start 0]
+[--fig6 tables/figure6.csv] [--fig10a tables/figure10a.csv] [--test-fraction 0.5] [--seed 0]
+[--fig11 tables/figure11.csv] [--fig12 tables/figure12.csv] [--window-start 0]
 [--window-length 100] [--tokenizer DIR] [--chunk-tokens 4096]``
+
+Only the tables asked for are computed, so the workflow runs the regressions (Figures 6, 10a)
+and the window (Figures 11, 12) as two jobs, and a change to the window reruns only the second.
 
 The SAEs are the Dark Matter family's widths at one k (the headline k), all evaluated on the same
 tokens. Per token and width W: ‖SaeError_W‖ (L2, not squared; from ``error_sq_norm`` of the
@@ -175,14 +178,19 @@ def run(args: argparse.Namespace) -> None:
     check_aligned(args.sae_ids, args.split, norms)
     order = np.argsort([nm.width for nm in norms], kind="stable")
     sae_ids, norms = [args.sae_ids[i] for i in order], [norms[i] for i in order]
-    fig6, fig10a = predictability_tables(sae_ids, norms, args.test_fraction, args.seed)
-    stop = min(args.window_start + args.window_length, len(norms[0].tokens))
-    text = decode(args.tokenizer, norms[0].tokens[args.window_start:stop])
-    window = window_table(sae_ids, norms, args.window_start, args.window_length, text)
-    for table, path in [(fig6, args.fig6), (fig10a, args.fig10a), (window, args.fig11),
-                        (window, args.fig12)]:
-        with h5io.atomic_path(path) as tmp:
-            table.to_csv(tmp, index=False, float_format="%.10g")
+    outputs = []
+    if args.fig6 or args.fig10a:
+        fig6, fig10a = predictability_tables(sae_ids, norms, args.test_fraction, args.seed)
+        outputs += [(fig6, args.fig6), (fig10a, args.fig10a)]
+    if args.fig11 or args.fig12:
+        stop = min(args.window_start + args.window_length, len(norms[0].tokens))
+        text = decode(args.tokenizer, norms[0].tokens[args.window_start:stop])
+        window = window_table(sae_ids, norms, args.window_start, args.window_length, text)
+        outputs += [(window, args.fig11), (window, args.fig12)]
+    for table, path in outputs:
+        if path:
+            with h5io.atomic_path(path) as tmp:
+                table.to_csv(tmp, index=False, float_format="%.10g")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -192,7 +200,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sae-eval", nargs="+", required=True, help="their evaluation files (.h5)")
     p.add_argument("--split", nargs="+", required=True, help="their error-split files (.h5)")
     for fig in ("6", "10a", "11", "12"):
-        p.add_argument(f"--fig{fig}", required=True, help=f"table of Figure {fig} (.csv)")
+        p.add_argument(f"--fig{fig}", default=None, help=f"table of Figure {fig} (.csv)")
     p.add_argument("--test-fraction", type=float, default=0.5,
                    help="share of the error split's held-out rows that score the regressions")
     p.add_argument("--seed", type=int, default=0, help="seed of that split")
@@ -201,6 +209,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tokenizer", default=None, help="tokenizer folder, for token labels")
     p.add_argument("--chunk-tokens", type=int, default=4096, help="rows read at once")
     args = p.parse_args(argv)
+    if not any((args.fig6, args.fig10a, args.fig11, args.fig12)):
+        p.error("give at least one of --fig6, --fig10a, --fig11, --fig12")
     if not 0.0 < args.test_fraction < 1.0:
         p.error(f"--test-fraction must be in (0, 1), got {args.test_fraction}")
     if args.window_start < 0 or args.window_length < 1 or args.chunk_tokens < 1:
