@@ -22,6 +22,8 @@ include: "workflow/rules/saes.smk"
 include: "workflow/rules/sae_eval.smk"
 include: "workflow/rules/dark_matter.smk"
 include: "workflow/rules/downstream_ce.smk"
+include: "workflow/rules/noise_simulation.smk"
+include: "workflow/rules/cross_site.smk"
 include: "workflow/rules/figures.smk"
 
 

@@ -78,8 +78,9 @@ def test_families_expand_to_targets_and_sites():
     table = sae_table(config)
     topk = sorted(i for i, s in table.items() if s["family"] == "resid6_topk")
     assert len(topk) == 6  # 3 widths x 2 k
-    assert sites_to_cache(config, "smollm2") == [
-        "blocks.6.hook_attn_out", "blocks.6.hook_mlp_out", "blocks.6.hook_resid_post"]
+    assert sites_to_cache(config, "smollm2") == [  # blocks.5: Figure 10b's previous layer
+        "blocks.5.hook_resid_post", "blocks.6.hook_attn_out", "blocks.6.hook_mlp_out",
+        "blocks.6.hook_resid_post"]
     pretrained = copy.deepcopy(config)
     pretrained["pretrained_saes"] = {"mine": {"model": "smollm2", "site": "blocks.4.hook_resid_post",
                                               "path": "somewhere"}}

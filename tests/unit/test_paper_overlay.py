@@ -23,7 +23,8 @@ SCHEMA = str(REPO / "workflow/schemas/config.schema.yaml")
 
 # Jobs of the overlay's DAG per rule: 34 layer-20 residual SAEs (the Dark Matter family),
 # 12 MLP-out and 12 attention-out layer-20 SAEs, the layer-19 residual SAE, Figure 8's
-# Gemma-2-2B SAE and 39 more layers' 131k SAEs for Figure 13 = 99 SAEs.
+# Gemma-2-2B SAE and 39 more layers' 131k SAEs for Figure 13 = 99 SAEs. Figure 10b predicts
+# the 16k L0 58 SAE's error from the layer-19, MLP-20 and attention-20 16k SAEs.
 EXPECTED_JOBS = {
     "import_sae": 99,
     "evaluate_sae": 99,
@@ -31,12 +32,15 @@ EXPECTED_JOBS = {
     "cache_activations_gemma2_9b": 1,
     "cache_activations_gemma2_2b": 1,
     "lm_loss": 2,
-    "error_split": 34,
+    "error_split": 34 + 3,  # the family and Figure 10b's three other sites
     "encoder_pursuit": 34,
     "dark_matter_scaling": 1,
     "downstream_ce": 34,
     "downstream_ce_table": 1,
-    "plot_error_effects": 1,
+    "noise_simulation": 1,
+    "noise_simulation_tables": 1,
+    "cross_site": 1,
+    "plot_error_effects": 3,  # Figures 9, 10b, 15
     "summarize_saes": 1,
 }
 

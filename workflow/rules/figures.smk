@@ -37,8 +37,8 @@ rule plot_dark_matter:
 
 # Figures 9, 10b and 15 (Dark Matter paper): drawn by saeflow.figures.error_effects, each only
 # from its tables/figureN.csv; options from config["figures"]["figureN"] via plot_options.
-EFFECT_FIGURES = ["9"]
-EFFECT_TABLES = []  # tables the default target builds with no plot of their own
+EFFECT_FIGURES = ["9", "10b", "15"]
+EFFECT_TABLES = ["tables/table1.csv"]  # tables the default target builds with no plot of their own
 
 
 rule plot_error_effects:
