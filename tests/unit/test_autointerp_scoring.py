@@ -137,8 +137,9 @@ def test_prompts_number_examples_and_ask_for_n_values():
     assert msgs[0]["role"] == "system" and "Python list" in msgs[0]["content"]
     explain = prompts.explainer_messages(["The <<river>> rose."])
     assert "[EXPLANATION]:" in explain[0]["content"] and "<<river>>" in explain[-1]["content"]
-    for msgs in (explain, prompts.fuzzing_messages("rivers", ["The <<Rhine>> rose."])):
+    assert [m["role"] for m in explain] == ["system", "user"]  # no demo to copy
+    for msgs in (prompts.detection_messages("rivers", ["The Rhine rose."]),
+                 prompts.fuzzing_messages("rivers", ["The <<Rhine>> rose."])):
         # one worked exchange, then the real question; the demo answer parses
         assert [m["role"] for m in msgs] == ["system", "user", "assistant", "user"]
-    assert scoring.parse_binary_list(msgs[2]["content"], 3) == [1, 0, 1]
-    assert scoring.parse_explanation(explain[2]["content"]) == "names of animals"
+        assert scoring.parse_binary_list(msgs[2]["content"], 3) == [1, 0, 1]

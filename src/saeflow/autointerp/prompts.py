@@ -75,9 +75,9 @@ def _score_user(explanation: str, examples: Sequence[str]) -> str:
             f"Answer with a Python list of {len(examples)} values (0 or 1).")
 
 
-# One worked exchange per task, as delphi's prompts carry: small models copy the answer's form.
-EXPLAINER_DEMO = (["My <<dog>> chased the ball.", "A <<cat>> sat on the mat.",
-                   "We fed the <<horses>> at noon."], "[EXPLANATION]: names of animals")
+# One worked exchange per scorer, as delphi's scorer prompts carry: judges copy the answer's
+# form. Not for the explainer: SmolLM2-135M copied a demo explanation verbatim for every latent
+# (measured on the local server), which would silently give all latents one explanation.
 DETECTION_DEMO = ("names of animals", ["My dog chased the ball.", "It rained all day.",
                                        "A cat sat on the mat."], "[1, 0, 1]")
 FUZZING_DEMO = ("names of animals", ["My <<dog>> chased the ball.", "It <<rained>> all day.",
@@ -91,8 +91,8 @@ def _with_demo(system: str, demo_user: str, demo_answer: str, user: str) -> Mess
 
 def explainer_messages(examples: Sequence[str]) -> Messages:
     """Ask for an explanation of a latent from its top-activating examples (tokens marked)."""
-    demo, answer = EXPLAINER_DEMO
-    return _with_demo(EXPLAINER_SYSTEM, _explain_user(demo), answer, _explain_user(examples))
+    return [{"role": "system", "content": EXPLAINER_SYSTEM},
+            {"role": "user", "content": _explain_user(examples)}]
 
 
 def detection_messages(explanation: str, examples: Sequence[str]) -> Messages:
