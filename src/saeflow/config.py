@@ -146,6 +146,9 @@ def width_from_label(label: str | int, key: str) -> int:
 def expand_pretrained_family(name: str, family: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """A release's (width, L0) grid as pretrained SAE entries, ``{name}-w{label}-l0-{l0}``.
 
+    Entries carry ``d_sae`` (as trained ones do) and the release's nominal ``l0``, but no ``k``:
+    Gemma Scope SAEs are JumpReLU, so their L0 varies per token.
+
     Gemma Scope names its SAEs ``layer_20/width_16k/average_l0_58``: the widths and L0s differ
     from release to release, so the grid is listed per width label rather than as a product.
     """
@@ -160,7 +163,7 @@ def expand_pretrained_family(name: str, family: dict[str, Any]) -> dict[str, dic
             entries[f"{name}-w{label}-l0-{l0}"] = {
                 "model": family["model"], "site": family["site"], "kind": "pretrained",
                 "family": name, "release": family["release"],
-                "sae_id": template.format(width=label, l0=l0), "width": width, "l0": l0,
+                "sae_id": template.format(width=label, l0=l0), "d_sae": width, "l0": l0,
             }
     return entries
 

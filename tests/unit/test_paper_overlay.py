@@ -90,8 +90,8 @@ def test_overlay_family_is_the_gemma_scope_layer20_grid():
     assert all(s["kind"] == "pretrained" and s["release"] == "gemma-scope-9b-pt-res"
                for s in family.values())
     assert table["gs9b_res20-w1m-l0-57"]["sae_id"] == "layer_20/width_1m/average_l0_57"
-    assert table["gs9b_res20-w1m-l0-57"]["width"] == 1 << 20
-    saes = pd.DataFrame([{"sae_id": i, "width": s["width"], "l0": s["l0"]}
+    assert table["gs9b_res20-w1m-l0-57"]["d_sae"] == 1 << 20
+    saes = pd.DataFrame([{"sae_id": i, "width": s["d_sae"], "l0": s["l0"]}
                          for i, s in family.items()])
     picks = headline_saes(saes, config["dark_matter"]["headline_l0"]).sort_values("width")
     # the paper's L0 ~ 60 picks, except 262k (SAELens lists 11, 50, 259 there, not 64)
@@ -120,7 +120,7 @@ def test_pretrained_family_expands_one_sae_per_grid_point():
     entries = expand_pretrained_family("gs", _family())
     assert sorted(entries) == ["gs-w16k-l0-11", "gs-w16k-l0-58", "gs-w32k-l0-57", "gs-w65k-l0-55"]
     assert entries["gs-w32k-l0-57"]["sae_id"] == "layer_20/width_32k/average_l0_57"
-    assert entries["gs-w32k-l0-57"]["width"] == 32768 and entries["gs-w32k-l0-57"]["l0"] == 57
+    assert entries["gs-w32k-l0-57"]["d_sae"] == 32768 and entries["gs-w32k-l0-57"]["l0"] == 57
     with pytest.raises(ConfigError, match=r"pretrained_families.gs.sae_id: .* \{width\}"):
         expand_pretrained_family("gs", _family(sae_id="layer_20/average_l0_{l0}"))
 
