@@ -228,6 +228,12 @@ def test_bad_examples_files_are_named(tmp_path, examples_file):
         score.read_examples(str(bad))
     shutil.copy(examples_file, bad)
     with h5py.File(bad, "a") as h5:
+        h5.attrs["ctx_len"] = CTX + 1
+    with pytest.raises(h5io.InputFileError, match=r"dataset 'tokens' has shape \(2, 31, 16\), "
+                       r"expected \(2, 31, 17\)"):
+        score.read_examples(str(bad))
+    shutil.copy(examples_file, bad)
+    with h5py.File(bad, "a") as h5:
         del h5.attrs["complete"]
     with pytest.raises(h5io.InputFileError, match="incomplete"):
         score.read_examples(str(bad))

@@ -69,16 +69,15 @@ class Examples(NamedTuple):
 
 def read_examples(path: str) -> Examples:
     """Load and check the examples file (format in ``saeflow.autointerp.examples``)."""
-    with h5io.open_checked(path, datasets={"latents": (None,)}) as h5:
-        n_lat = h5["latents"].shape[0]
+    # first the sizes (L, E, ctx_len), then every dataset's shape against them
+    with h5io.open_checked(path, datasets={"latents": (None,), "kind": (None, None)}) as h5:
         for name in ("ctx_len", "sae_id"):
             if name not in h5.attrs:
                 raise h5io.InputFileError(f"{path}: attribute '{name}' missing")
+        (n_lat,), (_, n_slot) = h5["latents"].shape, h5["kind"].shape
         ctx = int(h5.attrs["ctx_len"])
-        n_slot = h5["kind"].shape[1] if "kind" in h5 else None
-        shapes = {"tokens": (n_lat, n_slot, ctx), "acts": (n_lat, n_slot, ctx),
-                  "kind": (n_lat, None), "decile": (n_lat, n_slot)}
-        h5.close()
+    shapes = {"tokens": (n_lat, n_slot, ctx), "acts": (n_lat, n_slot, ctx),
+              "kind": (n_lat, n_slot), "decile": (n_lat, n_slot)}
     with h5io.open_checked(path, datasets=shapes) as h5:
         ex = Examples(h5["latents"][:].astype(np.int64), h5["tokens"][:], h5["acts"][:],
                       h5["kind"][:].astype(np.int8), h5["decile"][:].astype(np.int8),
