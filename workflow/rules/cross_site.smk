@@ -25,6 +25,18 @@ def cross_site_saes():
 XSITE_SAES = cross_site_saes()
 
 
+def cross_site_mem_mb(wildcards):
+    """Normal equations per (source, predictor): d x 4d float64 each (d 4096 if not known)."""
+    from saeflow.models import describe
+
+    if not XSITE_SAES:
+        return 2000
+    dims = describe(config["models"][SAES[XSITE_SAES[0]]["model"]]["path"])
+    d = dims[1] if dims is not None else 4096
+    fits = 4 * len(XSITE_SAES)
+    return max(4000, int(fits * 8 * d * 4 * d / 1e6 * 1.5) + 2000)
+
+
 def cross_site_files(pattern):
     return [
         pattern.format(sae_id=s, model=SAES[s]["model"], site=SAES[s]["site"], corpus=EVAL_CORPUS)
@@ -60,8 +72,8 @@ rule cross_site:
         "benchmarks/cross_site/figure10b.tsv"
     threads: 1
     resources:
-        mem_mb=4000,
-        runtime=30,
+        mem_mb=cross_site_mem_mb,
+        runtime=120,
     shell:
         "python -m saeflow.dark_matter.cross_site --target-eval {input.evals[0]}"
         " --target-split {input.splits[0]} {params.sources} --out {output.table}"

@@ -13,6 +13,15 @@ def noise_simulation_sae():
 NSIM_SAE = noise_simulation_sae()
 
 
+def noise_simulation_mem_mb(wildcards):
+    """About ten float64 copies of the [tokens, d_model] activations (d 4096 if not known)."""
+    from saeflow.models import describe
+
+    dims = describe(config["models"][SAES[wildcards.sae_id]["model"]]["path"])
+    d = dims[1] if dims is not None else 4096
+    return max(2000, int(10 * 8 * NSIM.get("tokens", 8192) * d / 1e6) + 1000)
+
+
 rule noise_simulation:
     input:
         sae="saes/{sae_id}/cfg.json",
@@ -40,8 +49,8 @@ rule noise_simulation:
         "benchmarks/noise_simulation/{sae_id}/{corpus}.tsv"
     threads: 1
     resources:
-        mem_mb=4000,
-        runtime=30,
+        mem_mb=noise_simulation_mem_mb,
+        runtime=60,
     shell:
         "python -m saeflow.dark_matter.noise_simulation run --sae saes/{wildcards.sae_id}"
         " --acts {input.acts} --sae-eval {input.sae_eval} --out {output.runs}"
