@@ -25,6 +25,7 @@ include: "workflow/rules/downstream_ce.smk"
 include: "workflow/rules/noise_simulation.smk"
 include: "workflow/rules/cross_site.smk"
 include: "workflow/rules/figures.smk"
+include: "workflow/rules/autointerp.smk"
 
 
 rule all:

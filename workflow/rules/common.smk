@@ -90,6 +90,8 @@ def all_targets():
         targets += [f"plots/figure{n}.pdf" for n in DM_FIGURES]
         targets += [f"plots/figure{n}.pdf" for n in EFFECT_FIGURES]
         targets += EFFECT_TABLES
+    if config.get("autointerp", {}).get("base_sae"):
+        targets.append("plots/figure8.pdf")
     return targets
 
 

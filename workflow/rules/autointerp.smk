@@ -1,0 +1,263 @@
+# Figure 8 of "Decomposing the Dark Matter of SAEs": TopK SAEs trained on the linear and the
+# nonlinear component of a base SAE's error, their latents explained and scored by an LLM, and the
+# detection-by-decile plot. Chain per component C (linear, nonlinear), with E = {base}-{C}_error:
+#   error_saes/{base}/{train corpus}/fit.h5      fit_error_map   (SaeError ~ x @ W + b)
+#   saes/E/                                      train_error_sae (targets computed per batch)
+#   autointerp/E/examples.h5                     latent_examples (on the examples corpus)
+#   autointerp/E/results.jsonl, summary.json     score_latents   (LLM; cache beside, not an output)
+#   tables/figure8.csv -> plots/figure8.pdf      figure8_table, plot_figure8
+
+from snakemake.exceptions import WorkflowError
+
+AI = config["autointerp"]
+AI_BASE = AI["base_sae"]
+AI_COMPONENTS = ["linear", "nonlinear"]
+
+
+def _autointerp_settings():
+    """Where the base SAE lives and which corpora the stages read; config errors name the key."""
+    if AI_BASE is None:
+        return {}
+    if AI_BASE not in SAES:
+        raise WorkflowError(f"autointerp.base_sae: '{AI_BASE}' is not an SAE of this config "
+                            f"(SAEs: {', '.join(sorted(SAES))})")
+    base = SAES[AI_BASE]
+    train = AI["train_corpus"] or base.get("corpus")
+    if train is None:
+        raise WorkflowError(f"autointerp.train_corpus: base SAE '{AI_BASE}' is pretrained; "
+                            "name the corpus its error SAEs train on")
+    for key, corpus in [("train_corpus", train), ("corpus", AI["corpus"] or EVAL_CORPUS)]:
+        if corpus not in config["corpora"]:
+            raise WorkflowError(f"autointerp.{key}: '{corpus}' is not declared under 'corpora'")
+    server = AI["server"]
+    if server["kind"] == "remote" and not (server["base_url"] and server["model"]):
+        raise WorkflowError("autointerp.server: kind 'remote' needs base_url and model")
+    return {"model": base["model"], "site": base["site"], "train_corpus": train,
+            "corpus": AI["corpus"] or EVAL_CORPUS}
+
+
+AI_SET = _autointerp_settings()
+AI_SAES = [f"{AI_BASE}-{c}_error" for c in AI_COMPONENTS] if AI_BASE else []
+
+
+def autointerp_acts(corpus):
+    return f"acts/{AI_SET['model']}/{corpus}/{AI_SET['site']}.h5"
+
+
+def server_args(wildcards):
+    """How score_latents reaches its LLM: a local transformers serve, or a remote endpoint."""
+    server = AI["server"]
+    if server["kind"] == "local":
+        return (f"--server local --model-dir {model_path(AI_SET['model'])}"
+                f" --server-threads {server['threads']}")
+    key = f" --api-key-env {server['api_key_env']}" if server["api_key_env"] else ""
+    return f"--server remote --base-url {server['base_url']} --model {server['model']}{key}"
+
+
+rule fit_error_map:
+    input:
+        acts=autointerp_acts("{corpus}") if AI_BASE else [],
+        sae="saes/{base_sae}/cfg.json",
+        weights="saes/{base_sae}/sae_weights.safetensors",
+    output:
+        fit="error_saes/{base_sae}/{corpus}/fit.h5",
+    wildcard_constraints:
+        base_sae=alternation([AI_BASE] if AI_BASE else []),
+        corpus=alternation(sorted(config["corpora"])),
+    params:
+        chunk=AI["chunk_tokens"],
+        code=code_version("error_saes", "dark_matter.regression"),
+    log:
+        "logs/fit_error_map/{base_sae}/{corpus}.log",
+    benchmark:
+        "benchmarks/fit_error_map/{base_sae}/{corpus}.tsv"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    shell:
+        "python -m saeflow.error_saes fit --acts {input.acts} --base-sae saes/{wildcards.base_sae}"
+        " --out {output.fit} --chunk-tokens {params.chunk} --threads {threads} > {log} 2>&1"
+
+
+rule train_error_sae:
+    input:
+        acts=autointerp_acts(AI_SET["train_corpus"]) if AI_BASE else [],
+        sae="saes/{base_sae}/cfg.json",
+        weights="saes/{base_sae}/sae_weights.safetensors",
+        fit=f"error_saes/{{base_sae}}/{AI_SET.get('train_corpus')}/fit.h5",
+    output:
+        cfg="saes/{base_sae}-{component}_error/cfg.json",
+        weights="saes/{base_sae}-{component}_error/sae_weights.safetensors",
+    wildcard_constraints:
+        base_sae=alternation([AI_BASE] if AI_BASE else []),
+        component=alternation(AI_COMPONENTS),
+    params:
+        width=AI["width"],
+        k=AI["k"],
+        tokens=AI["tokens"],
+        batch_size=AI["batch_size"],
+        seed=AI["seed"],
+        optional=" ".join(
+            f"--{flag} {AI[key]}"
+            for key, flag in [("lr", "lr"), ("lr_warmup_steps", "lr-warmup-steps")]
+            if AI[key] is not None
+        ),
+        checkpoint_every=AI["checkpoint_every"],
+        site=AI_SET.get("site"),
+        model=AI_SET.get("model"),
+        corpus=AI_SET.get("train_corpus"),
+        code=code_version("error_saes", "topk", "batches"),
+    log:
+        "logs/train_error_sae/{base_sae}-{component}_error.log",
+    benchmark:
+        "benchmarks/train_error_sae/{base_sae}-{component}_error.tsv"
+    threads: 2
+    resources:
+        mem_mb=8000,
+        runtime=240,
+        gpu=1,
+    shell:
+        "python -m saeflow.error_saes train --acts {input.acts} --base-sae saes/{wildcards.base_sae}"
+        " --base-sae-id {wildcards.base_sae} --fit {input.fit} --component {wildcards.component}"
+        " --out saes/{wildcards.base_sae}-{wildcards.component}_error"
+        " --checkpoint-dir checkpoints/{wildcards.base_sae}-{wildcards.component}_error"
+        " --d-sae {params.width} --k {params.k} --tokens {params.tokens}"
+        " --batch-size {params.batch_size} --seed {params.seed} {params.optional}"
+        " --checkpoint-every {params.checkpoint_every} --hook-name {params.site}"
+        " --model-name {params.model} --dataset {params.corpus} --threads {threads}"
+        " --device auto > {log} 2>&1"
+
+
+rule latent_examples:
+    input:
+        acts=autointerp_acts(AI_SET["corpus"]) if AI_BASE else [],
+        tokens=f"data/tokens/{AI_SET.get('corpus')}.h5",
+        sae="saes/{base_sae}-{component}_error/cfg.json",
+        weights="saes/{base_sae}-{component}_error/sae_weights.safetensors",
+        base="saes/{base_sae}/cfg.json",
+        base_weights="saes/{base_sae}/sae_weights.safetensors",
+        fit=f"error_saes/{{base_sae}}/{AI_SET.get('train_corpus')}/fit.h5",
+    output:
+        examples="autointerp/{base_sae}-{component}_error/examples.h5",
+    wildcard_constraints:
+        base_sae=alternation([AI_BASE] if AI_BASE else []),
+        component=alternation(AI_COMPONENTS),
+    params:
+        counts=" ".join(
+            f"--{key.replace('_', '-')} {AI[key]}"
+            for key in ("n_latents", "ctx_len", "n_top", "n_per_decile", "n_random",
+                        "max_examples", "min_examples", "seed", "chunk_tokens")
+        ),
+        code=code_version("autointerp.examples", "error_saes"),
+    log:
+        "logs/latent_examples/{base_sae}-{component}_error.log",
+    benchmark:
+        "benchmarks/latent_examples/{base_sae}-{component}_error.tsv"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=60,
+    shell:
+        "python -m saeflow.autointerp.examples --acts {input.acts} --tokens {input.tokens}"
+        " --sae saes/{wildcards.base_sae}-{wildcards.component}_error"
+        " --sae-id {wildcards.base_sae}-{wildcards.component}_error"
+        " --base-sae saes/{wildcards.base_sae} --fit {input.fit}"
+        " --component {wildcards.component} --out {output.examples} {params.counts}"
+        " --threads {threads} > {log} 2>&1"
+
+
+rule score_latents:
+    input:
+        examples="autointerp/{sae_id}/examples.h5",
+        model=model_files(AI_SET["model"]) if AI_BASE else [],
+    output:
+        results="autointerp/{sae_id}/results.jsonl",
+        summary="autointerp/{sae_id}/summary.json",
+    wildcard_constraints:
+        sae_id=alternation(AI_SAES),
+    params:
+        tokenizer=model_path(AI_SET["model"]) if AI_BASE else "",
+        server=server_args,
+        concurrency=AI["score"]["concurrency"],
+        timeout=AI["score"]["timeout"],
+        max_retries=AI["score"]["max_retries"],
+        n_explain=AI["n_top"],
+        per_prompt=AI["score"]["examples_per_prompt"],
+        max_failed=AI["score"]["max_failed_fraction"],
+        seed=AI["seed"],
+        code=code_version(
+            "autointerp.score", "autointerp.client", "autointerp.prompts", "autointerp.scoring",
+            "autointerp.server",
+        ),
+    log:
+        "logs/score_latents/{sae_id}.log",
+    benchmark:
+        "benchmarks/score_latents/{sae_id}.tsv"
+    # A local server uses the job's threads; llm_server=1 lets a profile or --resources run one
+    # server at a time (two 135M-parameter servers on 2 cores only slow each other down).
+    threads: AI["server"]["threads"]
+    resources:
+        mem_mb=6000,
+        runtime=120,
+        llm_server=1 if AI["server"]["kind"] == "local" else 0,
+    shell:
+        # the answer cache sits beside the outputs and is not one, so a failed job keeps it
+        "python -m saeflow.autointerp.score --examples {input.examples}"
+        " --tokenizer {params.tokenizer} --out {output.results} --summary {output.summary}"
+        " --cache autointerp/{wildcards.sae_id}/llm_cache.jsonl {params.server}"
+        " --server-log {log}.server --concurrency {params.concurrency}"
+        " --timeout {params.timeout} --max-retries {params.max_retries}"
+        " --n-explain {params.n_explain} --examples-per-prompt {params.per_prompt}"
+        " --max-failed-fraction {params.max_failed} --seed {params.seed} > {log} 2>&1"
+
+
+def figure8_results(wildcards):
+    """Both dictionaries' results, in AI_COMPONENTS order (the --labels order)."""
+    if not AI_BASE:
+        raise WorkflowError("tables/figure8.csv needs autointerp.base_sae in the config")
+    return [f"autointerp/{sae_id}/results.jsonl" for sae_id in AI_SAES]
+
+
+rule figure8_table:
+    input:
+        results=figure8_results,
+    output:
+        table="tables/figure8.csv",
+    params:
+        labels=AI_COMPONENTS,
+        code=code_version("figures.figure8", "autointerp.scoring"),
+    log:
+        "logs/figure8_table/figure8.log",
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    shell:
+        "python -m saeflow.figures.figure8 table --results {input.results}"
+        " --labels {params.labels} --out {output.table} > {log} 2>&1"
+
+
+def figure8_options(wildcards):
+    """Plot options of figures.figure8 as flags (a change redraws only the plot)."""
+    options = config["figures"].get("figure8", {})
+    return " ".join(f"--{key.replace('_', '-')} {value}" for key, value in sorted(options.items()))
+
+
+rule plot_figure8:
+    input:
+        table="tables/figure8.csv",
+    output:
+        pdf="plots/figure8.pdf",
+    params:
+        options=figure8_options,
+        code=code_version("figures.figure8"),
+    log:
+        "logs/plot_figure8/figure8.log",
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    shell:
+        "python -m saeflow.figures.figure8 plot --table {input.table} --out {output.pdf}"
+        " {params.options} > {log} 2>&1"
