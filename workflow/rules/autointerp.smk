@@ -48,8 +48,7 @@ def server_args(wildcards):
     """How score_latents reaches its LLM: a local transformers serve, or a remote endpoint."""
     server = AI["server"]
     if server["kind"] == "local":
-        return (f"--server local --model-dir {model_path(AI_SET['model'])}"
-                f" --server-threads {server['threads']}")
+        return f"--server local --model-dir {model_path(AI_SET['model'])}"
     key = f" --api-key-env {server['api_key_env']}" if server["api_key_env"] else ""
     return f"--server remote --base-url {server['base_url']} --model {server['model']}{key}"
 
@@ -118,8 +117,9 @@ rule train_error_sae:
         runtime=240,
         gpu=1,
     shell:
-        "python -m saeflow.error_saes train --acts {input.acts} --base-sae saes/{wildcards.base_sae}"
-        " --base-sae-id {wildcards.base_sae} --fit {input.fit} --component {wildcards.component}"
+        "python -m saeflow.error_saes train --acts {input.acts}"
+        " --base-sae saes/{wildcards.base_sae} --base-sae-id {wildcards.base_sae}"
+        " --fit {input.fit} --component {wildcards.component}"
         " --out saes/{wildcards.base_sae}-{wildcards.component}_error"
         " --checkpoint-dir checkpoints/{wildcards.base_sae}-{wildcards.component}_error"
         " --d-sae {params.width} --k {params.k} --tokens {params.tokens}"
@@ -196,7 +196,7 @@ rule score_latents:
         "benchmarks/score_latents/{sae_id}.tsv"
     # A local server uses the job's threads; llm_server=1 lets a profile or --resources run one
     # server at a time (two 135M-parameter servers on 2 cores only slow each other down).
-    threads: AI["server"]["threads"]
+    threads: AI["server"]["threads"] if AI["server"]["kind"] == "local" else 1
     resources:
         mem_mb=6000,
         runtime=120,
@@ -206,7 +206,7 @@ rule score_latents:
         "python -m saeflow.autointerp.score --examples {input.examples}"
         " --tokenizer {params.tokenizer} --out {output.results} --summary {output.summary}"
         " --cache autointerp/{wildcards.sae_id}/llm_cache.jsonl {params.server}"
-        " --server-log {log}.server --concurrency {params.concurrency}"
+        " --server-log {log}.server --server-threads {threads} --concurrency {params.concurrency}"
         " --timeout {params.timeout} --max-retries {params.max_retries}"
         " --n-explain {params.n_explain} --examples-per-prompt {params.per_prompt}"
         " --max-failed-fraction {params.max_failed} --seed {params.seed} > {log} 2>&1"
