@@ -42,6 +42,8 @@ EXPECTED_JOBS = {
     "cross_site": 1,
     "plot_error_effects": 3,  # Figures 9, 10b, 15
     "summarize_saes": 1,
+    "train_error_sae": 2,  # Figure 8: linear and nonlinear error SAEs of the 2B SAE
+    "plot_figure8": 1,
 }
 
 
