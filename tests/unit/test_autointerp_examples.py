@@ -174,3 +174,20 @@ def test_cli_on_an_error_sae_writes_the_agreed_format(tmp_path):
         rows = seq * (CTX - SKIP) + j * WIN + np.arange(WIN)
         np.testing.assert_allclose(got[i, e], z[rows, latent], rtol=1e-5, atol=1e-6)
     assert json.loads(json.dumps(summary))["latents"] == 3
+
+
+def test_bad_inputs_name_the_problem(tmp_path):
+    x = np.random.default_rng(1).normal(size=(N_SEQ * (CTX - SKIP), D))
+    acts, toks = write_corpus(tmp_path, x)
+    too_long = ex.ExampleConfig(n_latents=2, ctx_len=CTX, min_examples=1)
+    message = f"--ctx-len {CTX} exceeds the {CTX - SKIP} cached"
+    with h5io.open_checked(acts) as a, h5io.open_checked(toks) as t, \
+            pytest.raises(ValueError, match=message):
+        ex.collect(a, t, lambda z: z.relu(), too_long, chunk=100)
+    # a tokens file that is not the one the activations were made from
+    with h5py.File(toks, "r+") as h5:
+        h5["tokens"][:, SKIP:] = h5["tokens"][:, SKIP:] + 1
+    cfg = ex.ExampleConfig(n_latents=2, ctx_len=WIN, min_examples=1)
+    with h5io.open_checked(acts) as a, h5io.open_checked(toks) as t, \
+            pytest.raises(h5io.InputFileError, match="token ids differ"):
+        ex.collect(a, t, lambda z: z.relu(), cfg, chunk=100)
