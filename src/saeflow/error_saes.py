@@ -156,10 +156,13 @@ class ErrorSAE(NamedTuple):
 
 
 def train_error_sae(acts_path: str, out_dir: str, cfg: topk.TopKTrainConfig, source: ErrorSAE,
-                    checkpoint_dir: str, progress: bool = False) -> dict[str, Any]:
+                    checkpoint_dir: str, progress: bool = False,
+                    stop_after_steps: int | None = None) -> dict[str, Any]:
     """Train (or resume) a TopK SAE on one component; write ``out_dir`` when it is done.
 
-    The loop is :mod:`saeflow.topk`'s (same init, checkpoints and logs); only the batches differ.
+    The loop is :mod:`saeflow.topk`'s (same init, checkpoints and logs); only the batches differ,
+    so a resumed run gives the same weights as an uninterrupted one. ``stop_after_steps`` ends
+    the session early after a checkpoint (tests, time-limited jobs); ``out_dir`` is not written.
     """
     sae = load_sae(source.base_sae)
     ckpt = Path(checkpoint_dir) / topk.CHECKPOINT_FILE
@@ -176,7 +179,9 @@ def train_error_sae(acts_path: str, out_dir: str, cfg: topk.TopKTrainConfig, sou
             state = topk.init_state(cfg, topk.geometric_median(first))
         log = topk._CsvLog(out.with_name(out.name + ".train_log.csv"), state.step)
         stats = topk._run(state, batches, first, cfg, ckpt, log, progress,  # type: ignore[arg-type]
-                          None)
+                          stop_after_steps)
+    if state.step < cfg.total_steps:
+        return stats
     save_error_sae(out, state.params, cfg, stats, source)
     return stats
 

@@ -131,3 +131,21 @@ def test_fit_rejects_a_base_sae_of_another_width(setup, tmp_path):
     with pytest.raises(h5io.InputFileError, match="d_in 16"):
         error_saes.fit_map(str(acts), str(setup["base"]), str(tmp_path / "f.h5"), 50)
     assert not (tmp_path / "f.h5").exists()
+
+
+def test_an_interrupted_training_resumes_to_the_same_weights(setup, tmp_path, capsys):
+    fit = str(setup["fit"])
+    source = error_saes.ErrorSAE(str(setup["base"]), "base", "linear", fit)
+    cfg = topk.TopKTrainConfig(d_in=D, d_sae=32, k=3, total_tokens=128 * 12, batch_size=128,
+                               lr_warmup_steps=2, checkpoint_every_steps=4)
+    acts = str(setup["acts"])
+    error_saes.train_error_sae(acts, str(tmp_path / "whole"), cfg, source, str(tmp_path / "c1"))
+    part = error_saes.train_error_sae(acts, str(tmp_path / "part"), cfg, source,
+                                      str(tmp_path / "c2"), stop_after_steps=6)
+    assert part["steps"] == 6 and not (tmp_path / "part").exists()
+    capsys.readouterr()
+    error_saes.train_error_sae(acts, str(tmp_path / "part"), cfg, source, str(tmp_path / "c2"))
+    assert "resuming from the checkpoint at step 6" in capsys.readouterr().err
+    whole, resumed = topk.load_topk(tmp_path / "whole"), topk.load_topk(tmp_path / "part")
+    for a, b in zip(whole.params, resumed.params):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
