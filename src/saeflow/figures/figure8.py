@@ -117,8 +117,11 @@ def draw(fig: Figure, table: pd.DataFrame, opts: PlotOptions) -> None:
         value = part.value.to_numpy(dtype=float)
         half = part.wald_half.to_numpy(dtype=float)
         latents = int(part.latents.dropna().iloc[0]) if part.latents.notna().any() else 0
-        ax.errorbar(pos + shift, value, yerr=half, fmt="o-", color=color, ms=3.5, lw=1,
-                    capsize=2, label=f"{name} error SAE ({latents} latents)")
+        # "Not" is another quantity (1 - FPR) than the deciles' recall: a point, not on the line
+        ax.errorbar(pos[:1] + shift, value[:1], yerr=half[:1], fmt="s", color=color, ms=3.5,
+                    capsize=2)
+        ax.errorbar(pos[1:] + shift, value[1:], yerr=half[1:], fmt="o-", color=color, ms=3.5,
+                    lw=1, capsize=2, label=f"{name} error SAE ({latents} latents)")
     ax.set_xticks(pos, X_LABELS)
     ax.set_ylim(-0.05, 1.05)
     ax.set_xlabel("Non-activating examples, then activation decile (Q10 highest)")
