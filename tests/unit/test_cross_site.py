@@ -97,3 +97,14 @@ def test_output_is_written_atomically_as_csv(planted, tmp_path):
     table = pd.read_csv(tmp_path / "r.csv")
     assert set(table.predictor) == set(cs.PREDICTORS) and set(table.target) == set(cs.TARGETS)
     assert not list(tmp_path.glob("*.tmp*"))
+
+
+def test_figure10b_is_drawn_from_the_table(planted, tmp_path):
+    from saeflow.figures import error_effects
+
+    args, *_ = planted
+    cs.main(args)
+    for name in ("a.pdf", "b.pdf"):
+        error_effects.main(["--figure", "10b", "--table", str(tmp_path / "r.csv"),
+                            "--out", str(tmp_path / name)])
+    assert (tmp_path / "a.pdf").read_bytes() == (tmp_path / "b.pdf").read_bytes()

@@ -130,3 +130,17 @@ def test_bad_arguments_are_rejected(tmp_path):
         ns.load_inputs(ns.parse_args(["run", "--sae", "s", "--acts", str(tmp_path / "no.h5"),
                                       "--sae-eval", "e", "--out", "o"]),
                        TopKSAE(TopKSAEConfig(d_in=D, d_sae=D_SAE, k=6)))
+
+
+def test_figure15_is_drawn_from_the_table(tmp_path, sae):
+    from saeflow.figures import error_effects
+
+    _files(tmp_path, sae)
+    ns.main(["run", "--sae", str(tmp_path / "sae"), "--acts", str(tmp_path / "acts.h5"),
+             "--sae-eval", str(tmp_path / "eval.h5"), "--tokens", "600", "--ablate-percents",
+             "0", "40", "--grid", "0", "1", "--out", str(tmp_path / "runs.csv")])
+    ns.main(["tables", "--runs", str(tmp_path / "runs.csv"), "--figure15",
+             str(tmp_path / "f15.csv"), "--table1", str(tmp_path / "t1.csv")])
+    error_effects.main(["--figure", "15", "--table", str(tmp_path / "f15.csv"), "--out",
+                        str(tmp_path / "f15.pdf"), "--no-log-x"])
+    assert (tmp_path / "f15.pdf").read_bytes().startswith(b"%PDF")

@@ -50,6 +50,8 @@ class PlotOptions:
     """Base font size in points."""
 
 
+R2_FLOOR = -1.0  # Figure 10b clips bars below this (R² of overfit fits), writing their value
+
 SETTING_STYLE = {"sae_linear": ("Sae(x) + linear error", "tab:blue", "o"),
                  "sae_nonlinear": ("Sae(x) + nonlinear error", "tab:red", "s")}
 
@@ -115,16 +117,23 @@ def draw_figure10b(fig: Figure, table: pd.DataFrame, opts: PlotOptions) -> None:
         colors = matplotlib.colormaps["tab10"](np.arange(len(predictors)))
         for i, (predictor, color) in enumerate(zip(predictors, colors)):
             part = rows[rows.predictor == predictor].set_index("source").reindex(sources)
-            ax.bar(np.arange(len(sources)) + (i - (len(predictors) - 1) / 2) * width,
-                   part.r2.to_numpy(), width, color=color, label=predictor)
+            xs = np.arange(len(sources)) + (i - (len(predictors) - 1) / 2) * width
+            values = part.r2.to_numpy()
+            ax.bar(xs, np.maximum(values, R2_FLOOR), width, color=color, label=predictor)
+            for x, value in zip(xs, values):  # overfit fits: clipped, with the value written
+                if value < R2_FLOOR:
+                    ax.text(x, R2_FLOOR, f"{value:.1f}", rotation=90, ha="center", va="bottom",
+                            fontsize="x-small", color="white")
         labels = [s.replace("blocks.", "L").replace(".hook_", " ") for s in sources]
         ax.set_xticks(range(len(sources)), labels, rotation=30, ha="right")
         ax.axhline(0, color="0.4", lw=0.7)
+        ax.set_ylim(R2_FLOOR, 1.05)
         ax.set_title(f"target: {target}")
         ax.spines[["top", "right"]].set_visible(False)
     axes[0].set_ylabel("R² (held out)")
-    axes[-1].legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small",
-                    frameon=False)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncols=len(labels), fontsize="small",
+               frameon=False)
 
 
 DRAW: dict[str, tuple[Callable[[Figure, pd.DataFrame, PlotOptions], None], list[str]]] = {
