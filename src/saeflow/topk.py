@@ -600,9 +600,10 @@ def _numbers(row: dict[str, str]) -> dict[str, Any]:
 
 
 def _resume_key(cfg: TopKTrainConfig) -> dict[str, Any]:
-    """The settings a checkpoint must share to be resumed (run length and cadence may change)."""
+    """The settings a checkpoint must share to be resumed (run length, cadence and device may
+    change: a run checkpointed on a GPU node can finish on another, or on the CPU)."""
     key = asdict(cfg)
-    for name in ("total_tokens", "checkpoint_every_steps", "log_every_steps"):
+    for name in ("total_tokens", "checkpoint_every_steps", "log_every_steps", "device"):
         del key[name]
     return key
 

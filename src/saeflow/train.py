@@ -54,7 +54,6 @@ ONLY_FOR: dict[str, tuple[str, ...]] = {
     "lr_decay_steps": SAE_LENS,
     "normalize_activations": SAE_LENS,
     "dead_feature_window": SAE_LENS,
-    "device": SAE_LENS,
 }
 # SAELens training-config fields passed through as sae_options.
 SAE_OPTIONS = (
@@ -224,6 +223,7 @@ def topk_config(args: argparse.Namespace, info: dict[str, Any]) -> TopKTrainConf
             "checkpoint_every_steps",
             "log_every_steps",
             "buffer_tokens",
+            "device",
         ),
     )
 

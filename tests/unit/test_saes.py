@@ -394,7 +394,9 @@ def test_train_cli_names_a_bad_acts_file(tmp_path: Path) -> None:
 def test_train_cli_dispatch_writes_loadable_sae(
     arch: str, extra: list[str], width: str, acts_file: Path, tmp_path: Path
 ) -> None:
-    train.main(cli(acts_file, tmp_path, "--architecture", arch, *extra, width=width))
+    # as the train_sae rule calls it: --device auto, for every architecture
+    train.main(cli(acts_file, tmp_path, "--architecture", arch, *extra, "--device", "auto",
+                   width=width))
     sae = SAE.load_from_disk(tmp_path / "sae")
     assert (sae.cfg.d_in, sae.cfg.d_sae) == (D_IN, 32)
     assert sae.cfg.metadata.hook_name == SITE  # taken from the acts file's 'site' attribute
