@@ -13,13 +13,35 @@ DM_PER_TOKEN_FIGURES = ["6", "10a", "11", "12"]
 DM_FIGURES = DM_SCALING_FIGURES + ["6", "7", "10a", "11", "12", "13", "14"]
 
 
+def nominal_l0(sae_id):
+    """An SAE's sparsity key: its k, else the nominal L0 of a pretrained release ("nan": none)."""
+    sae = SAES[sae_id]
+    value = sae.get("k", sae.get("l0"))
+    return "nan" if value is None else value
+
+
+# a TopK family is grouped by k; one without a shared k (Gemma Scope) by target L0
+DM_SHARED_K = bool(DM_SAES) and all(SAES[i].get("k") is not None for i in DM_SAES)
+DM_L0_TARGETS = [] if DM_SHARED_K else sorted({DM["headline_l0"], *DM.get("l0_targets", [])})
+
+
 def headline_saes():
-    """The family's SAEs at its k closest to headline_l0 (smaller k on a tie, as scaling.py)."""
-    ks = sorted({SAES[i]["k"] for i in DM_SAES if SAES[i].get("k") is not None})
-    if not ks:
-        return []
-    k = min(ks, key=lambda k: (abs(k - DM["headline_l0"]), k))
-    return sorted((i for i in DM_SAES if SAES[i].get("k") == k), key=lambda i: SAES[i]["d_sae"])
+    """The family's SAEs at its k closest to headline_l0 (smaller k on a tie, as scaling.py);
+    for a family without k (Gemma Scope), per width the SAE whose nominal L0 is closest to
+    headline_l0 (smaller L0 on a tie), as the paper's L0~60 selection."""
+    if DM_SHARED_K:
+        ks = sorted({SAES[i]["k"] for i in DM_SAES})
+        k = min(ks, key=lambda k: (abs(k - DM["headline_l0"]), k))
+        return sorted((i for i in DM_SAES if SAES[i]["k"] == k), key=lambda i: SAES[i]["d_sae"])
+    by_width = {}
+    for i in DM_SAES:
+        if SAES[i].get("l0") is not None:
+            by_width.setdefault(SAES[i]["d_sae"], []).append(i)
+
+    def distance(sae_id):
+        return abs(SAES[sae_id]["l0"] - DM["headline_l0"]), SAES[sae_id]["l0"]
+
+    return [min(by_width[w], key=distance) for w in sorted(by_width)]
 
 
 def listed_saes(key, default):
@@ -169,6 +191,8 @@ rule dark_matter_scaling:
         fits="tables/dark_matter_power_laws.csv",
     params:
         sae_ids=DM_SAES,
+        nominal_l0=[nominal_l0(i) for i in DM_SAES],
+        l0_targets=" ".join(["--l0-targets", *map(str, DM_L0_TARGETS)]) if DM_L0_TARGETS else "",
         n_boot=DM["n_boot"],
         seed=DM["seed"],
         code=code_version("dark_matter.scaling", "dark_matter.power_law"),
@@ -183,6 +207,7 @@ rule dark_matter_scaling:
         " --sae-cfg {input.cfg} --eval-metrics {input.eval_metrics}"
         " --split-metrics {input.split_metrics} --pursuit {input.pursuit}"
         " --saes-out {output.saes} --fits-out {output.fits}"
+        " --nominal-l0 {params.nominal_l0} {params.l0_targets}"
         " --n-boot {params.n_boot} --seed {params.seed} > {log} 2>&1"
 
 

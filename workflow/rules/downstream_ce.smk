@@ -75,6 +75,7 @@ rule downstream_ce_table:
         table="tables/figure9.csv",
     params:
         sae_ids=DM_SAES,
+        nominal_l0=[nominal_l0(i) for i in DM_SAES],
         headline_l0=DM["headline_l0"],
         k_width=figure9_k_width,
         code=code_version("dark_matter.downstream_ce"),
@@ -87,4 +88,5 @@ rule downstream_ce_table:
     shell:
         "python -m saeflow.dark_matter.downstream_ce table --sae-ids {params.sae_ids}"
         " --results {input.results} --eval-metrics {input.eval_metrics} --out {output.table}"
+        " --nominal-l0 {params.nominal_l0}"
         " --headline-l0 {params.headline_l0} {params.k_width} > {log} 2>&1"

@@ -4,7 +4,7 @@
 --site S --out D.json [--sae-id ID] [--seqs 32] [--batch-size 8] [--skip-positions 1]``
 
 ``python -m saeflow.dark_matter.downstream_ce table --sae-ids ID... --results D... --eval-metrics
-E... --out tables/figure9.csv [--headline-l0 32] [--k-width W]``
+E... --out tables/figure9.csv [--nominal-l0 L...] [--headline-l0 32] [--k-width W]``
 
 ``run`` splices, at the SAE's site and at every position >= ``skip``, one of:
 
@@ -30,8 +30,9 @@ seeded token split of the same corpus; the original fitted it on every token it 
 ``table`` writes ``tables/figure9.csv``, long form, one row per (panel, SAE, setting): panel
 ``width`` holds the family's SAEs at the k closest to ``headline_l0`` (the original's L0 ≈ 60
 sweep over widths), panel ``k`` those at one width (``--k-width``, default the narrowest; the
-original swept the 16k SAEs' L0s). ``l0`` is the nominal k, or the measured mean L0 for SAEs
-without one (JumpReLU, Gemma Scope).
+original swept the 16k SAEs' L0s). ``l0`` is the nominal k; for SAEs without one (JumpReLU,
+Gemma Scope) the nominal L0 the config gives (``--nominal-l0``, the release's ``average_l0``, by
+which the paper picked its L0≈60 SAEs), else the measured mean L0.
 """
 
 from __future__ import annotations
@@ -148,12 +149,15 @@ def _load(path: str) -> dict[str, Any]:
         raise h5io.InputFileError(f"{path}: cannot read JSON ({err})") from err
 
 
-def collect(sae_ids: Sequence[str], results: Sequence[str], evals: Sequence[str]) -> pd.DataFrame:
+def collect(sae_ids: Sequence[str], results: Sequence[str], evals: Sequence[str],
+            nominal_l0s: Sequence[float] | None = None) -> pd.DataFrame:
     """One row per SAE: width, k / L0 and the CEs (inputs are parallel lists)."""
-    if not len(sae_ids) == len(results) == len(evals):
-        raise ValueError("--sae-ids, --results and --eval-metrics must have the same length")
+    nominal = [None] * len(sae_ids) if nominal_l0s is None else list(nominal_l0s)
+    if not len(sae_ids) == len(results) == len(evals) == len(nominal):
+        raise ValueError("--sae-ids, --results, --eval-metrics and --nominal-l0 must have the "
+                         "same length")
     rows = []
-    for sae_id, path, eval_path in zip(sae_ids, results, evals):
+    for sae_id, path, eval_path, nominal_l0 in zip(sae_ids, results, evals, nominal):
         record, ev = _load(path), _load(eval_path)
         for key in ("sae_id", "width", "ce_sae", "ce_clean",
                     *(f"pct_recovered_{s}" for s in SETTINGS)):
@@ -162,8 +166,13 @@ def collect(sae_ids: Sequence[str], results: Sequence[str], evals: Sequence[str]
         if record["sae_id"] != sae_id or ev.get("sae_id", sae_id) != sae_id:
             raise h5io.InputFileError(f"{path} / {eval_path}: not made for SAE {sae_id!r}")
         k = record.get("k")
-        rows.append({**record, "k": k, "l0": k if k is not None else ev["mean_l0"],
-                     "mean_l0": ev["mean_l0"]})
+        if nominal_l0 is not None and np.isnan(nominal_l0):
+            nominal_l0 = None  # the rule writes nan for an SAE the config gives no L0
+        if k is not None and nominal_l0 is not None and float(nominal_l0) != float(k):
+            raise h5io.InputFileError(f"{path}: k {k} differs from the nominal L0 {nominal_l0} "
+                                      f"given for SAE {sae_id!r}")
+        l0 = k if k is not None else ev["mean_l0"] if nominal_l0 is None else nominal_l0
+        rows.append({**record, "k": k, "l0": l0, "mean_l0": ev["mean_l0"]})
     return pd.DataFrame(rows)
 
 
@@ -199,7 +208,7 @@ def figure9_table(saes: pd.DataFrame, headline_l0: float, k_width: int | None) -
 
 
 def table(args: argparse.Namespace) -> pd.DataFrame:
-    saes = collect(args.sae_ids, args.results, args.eval_metrics)
+    saes = collect(args.sae_ids, args.results, args.eval_metrics, args.nominal_l0)
     out = figure9_table(saes, args.headline_l0, args.k_width)
     with h5io.atomic_path(args.out) as tmp:
         out.to_csv(tmp, index=False)
@@ -229,8 +238,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     t.add_argument("--results", nargs="+", required=True, help="per-SAE downstream_ce.json")
     t.add_argument("--eval-metrics", nargs="+", required=True, help="per-SAE metrics.json")
     t.add_argument("--out", required=True, help="tables/figure9.csv")
+    t.add_argument("--nominal-l0", nargs="+", type=float, default=None,
+                   help="per SAE, in the same order: its k, or the nominal L0 of an SAE "
+                   "without one (default: the measured mean L0)")
     t.add_argument("--headline-l0", type=float, default=32.0,
-                   help="width panel: the SAEs at the k closest to this")
+                   help="width panel: per width, the SAE whose L0 is closest to this")
     t.add_argument("--k-width", type=int, default=None,
                    help="k panel: the SAEs of this width (default: the narrowest)")
     args = p.parse_args(argv)
