@@ -107,6 +107,8 @@ def main() -> None:
     p.add_argument("--model-dir", default=None, help="converted SmolLM2 folder (made if absent)")
     p.add_argument("--latents", type=int, default=4, choices=range(1, len(WORDS) + 1))
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
+    p.add_argument("--continuous-batching", action="store_true",
+                   help="start the server with --continuous-batching")
     p.add_argument("--out", default=str(RESULTS / "autointerp_cpu.json"))
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -119,7 +121,8 @@ def main() -> None:
         ex = score.read_examples(str(examples))
         load_before, runs = os.getloadavg(), []
         t0 = time.perf_counter()
-        with local_server(model_dir, work / "server.log") as srv:
+        with local_server(model_dir, work / "server.log",
+                          continuous_batching=args.continuous_batching) as srv:
             startup = time.perf_counter() - t0
             for c in args.concurrency:
                 cache = work / f"cache_{c}.jsonl"
@@ -127,6 +130,7 @@ def main() -> None:
                 print(json.dumps(runs[-1]), flush=True)
             warm = timed_run(srv, ex, stage_args(work, examples, model_dir, 4, cache))
     result = {"server": "transformers serve (SmolLM2-135M-Instruct, CPU)",
+              "continuous_batching": args.continuous_batching,
               "server_startup_s": startup, "latents": args.latents,
               "requests_per_latent": 7, "runs": runs,
               "warm_rerun": {"requests": warm["requests"], "cache_hits": warm["cache_hits"],

@@ -20,7 +20,7 @@ from saeflow.autointerp.client import (
     ClientConfigError,
     cache_key,
 )
-from saeflow.autointerp.server import ServerStartError, local_server, port_open
+from saeflow.autointerp.server import ServerStartError, local_server, port_open, serve_command
 
 HERE = Path(__file__).resolve().parent
 SECRET = "sk-test-7f3a9c1e-do-not-leak"
@@ -227,3 +227,12 @@ def test_local_server_stopped_when_parent_gets_sigterm(tmp_path):
     parent.send_signal(signal.SIGTERM)
     assert parent.wait(timeout=30) == 128 + signal.SIGTERM
     assert not port_open(port) and gone(pid)
+
+
+def test_serve_command_runs_this_interpreter_offline_on_loopback():
+    argv = serve_command("/models/smol", 4242)
+    assert argv[:5] == [sys.executable, "-m", "transformers.cli.transformers", "serve",
+                        "/models/smol"]
+    assert argv[argv.index("--host") + 1] == "127.0.0.1" and argv[argv.index("--port") + 1] == "4242"
+    assert argv[argv.index("--device") + 1] == "cpu" and "--continuous-batching" not in argv
+    assert serve_command("/m", 1, continuous_batching=True)[-1] == "--continuous-batching"

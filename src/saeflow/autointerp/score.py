@@ -4,7 +4,8 @@
 --out results.jsonl --summary summary.json --cache cache.jsonl
 [--server local --model-dir DIR | --base-url URL --model NAME [--api-key-env VAR]]
 [--concurrency 4] [--timeout 60] [--max-retries 4] [--n-explain 10] [--examples-per-prompt 5]
-[--seed 0] [--server-log PATH] [--max-failed-fraction 0.1]``
+[--seed 0] [--server-log PATH] [--server-threads N] [--server-continuous-batching]
+[--max-failed-fraction 0.1]``
 
 Per latent: one explainer request on its top ``--n-explain`` examples (kind 1, firing tokens
 marked), then the detection scorer (unmarked decile and non-activating examples, is the feature
@@ -268,7 +269,8 @@ def client_calls(records: list[dict]) -> int:
 def settings(args: argparse.Namespace) -> dict:
     """The knobs that shape the results (never the key, only its variable's name)."""
     keys = ("server", "base_url", "model", "api_key_env", "concurrency", "timeout",
-            "max_retries", "n_explain", "examples_per_prompt", "seed")
+            "max_retries", "n_explain", "examples_per_prompt", "seed",
+            "server_continuous_batching")
     return {k: getattr(args, k) for k in keys}
 
 
@@ -317,7 +319,8 @@ def run(args: argparse.Namespace) -> dict:
     ex = read_examples(args.examples)
     if args.server == "local":
         log = args.server_log or f"{args.summary}.server.log"
-        with local_server(args.model_dir, log, threads=args.server_threads) as srv:
+        with local_server(args.model_dir, log, threads=args.server_threads,
+                          continuous_batching=args.server_continuous_batching) as srv:
             args.base_url, args.model = srv.base_url, srv.model
             records, summary = asyncio.run(score_with(srv.base_url, srv.model, ex, args))
     else:
@@ -341,6 +344,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model-dir", help="model folder for --server local")
     p.add_argument("--server-log", help="log of the local server (default: SUMMARY.server.log)")
     p.add_argument("--server-threads", type=int, default=None, help="CPU threads of the server")
+    p.add_argument("--server-continuous-batching", action="store_true",
+                   help="local server batches concurrent requests (else it answers one at a time)")
     p.add_argument("--base-url", help="OpenAI-compatible endpoint, e.g. http://host:8000/v1")
     p.add_argument("--model", help="model name the remote server expects")
     p.add_argument("--api-key-env", help="NAME of the environment variable holding the API key")
