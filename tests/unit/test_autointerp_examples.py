@@ -2,7 +2,6 @@
 
 import itertools
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import h5py
@@ -16,12 +15,8 @@ from saeflow.autointerp import examples as ex
 N_SEQ, CTX, SKIP, WIN, D = 40, 26, 1, 8, 6  # 25 cached positions -> 3 windows of 8 per sequence
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny shapes: OpenMP hand-offs cost more than they save (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write_corpus(tmp: Path, x: np.ndarray) -> tuple[Path, Path]:

@@ -5,7 +5,6 @@ Every RNG is seeded by the autouse fixture in conftest.py; the generators below 
 """
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import h5py
@@ -28,13 +27,8 @@ from saeflow.dark_matter.regression import split_mask
 from saeflow.figures.dark_matter import DRAW, PlotOptions, plot
 from saeflow.sae_eval import evaluate_reconstruction
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny shapes: OpenMP hand-offs cost more than they save (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _ols_r2(x: np.ndarray, y: np.ndarray, fit: np.ndarray) -> np.ndarray:

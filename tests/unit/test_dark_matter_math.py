@@ -4,7 +4,6 @@ Every RNG is seeded by the autouse fixture in conftest.py; the generators below 
 """
 
 import json
-from collections.abc import Iterator
 
 import h5py
 import numpy as np
@@ -23,14 +22,8 @@ from saeflow.dark_matter.regression import (
 )
 from saeflow.metrics import fvu
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """Tiny shapes: OpenMP hand-offs cost more than they save (and stall on a loaded machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny shapes: OpenMP hand-offs cost more than they save (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------- streaming regression

@@ -5,7 +5,6 @@ Every RNG is seeded by the autouse fixture in conftest.py; the generators below 
 
 import copy
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import h5py
@@ -26,13 +25,8 @@ from saeflow.sae_eval import evaluate_reconstruction
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """Tiny shapes: OpenMP hand-offs cost more than they save (and stall on a loaded machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny shapes: OpenMP hand-offs cost more than they save (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------- encoder pursuit stage

@@ -1,7 +1,6 @@
 """Error SAEs: on-the-fly error components against a float64 reference, and a short training."""
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import h5py
@@ -17,12 +16,8 @@ from saeflow.saes import load_sae
 D, M, K, N = 16, 32, 3, 3000
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny shapes: OpenMP hand-offs cost more than they save (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write_acts(path: Path, x: torch.Tensor) -> Path:

@@ -52,7 +52,7 @@ def test_evaluation_file_matches_direct_computation(sae, acts_file, tmp_path):
         torch.testing.assert_close(torch.from_numpy(info.error[:]), recon - x)
         torch.testing.assert_close(info.latents(slice(0, N)), latents)
         torch.testing.assert_close(info.latents(slice(60, 130)), latents[60:130])
-        ids, vals = info.active(101)
+        ids, _vals = info.active(101)
         assert sorted(ids.tolist()) == latents[101].nonzero().squeeze(-1).tolist()
         np.testing.assert_array_equal(info.l0[:], (latents != 0).sum(-1).numpy())
         np.testing.assert_allclose(info.error_sq_norm[:], (recon - x).pow(2).sum(-1).numpy(),
