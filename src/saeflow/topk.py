@@ -532,10 +532,13 @@ def _run(
         first = None
         meter.add(train_step(state, x, cfg, pre_out), x.shape[0])
         bar.update(1)
-        if state.step % cfg.log_every_steps == 0 or state.step == end:
+        # A row at every checkpoint too: a resumed run's means then start where the
+        # uninterrupted run's do, so its log and final stats are the same.
+        at_checkpoint = state.step % cfg.checkpoint_every_steps == 0
+        if state.step % cfg.log_every_steps == 0 or at_checkpoint or state.step == end:
             log.write(meter.row(state, cfg))
             bar.set_postfix(fvu=f"{float(log.last['fvu']):.4f}", dead=log.last["dead_fraction"])
-        if state.step % cfg.checkpoint_every_steps == 0 or state.step == end < cfg.total_steps:
+        if at_checkpoint or state.step == end < cfg.total_steps:
             save_checkpoint(ckpt, state, batches, cfg)
     bar.close()
     last = {key: v for key, v in (log.last or {}).items() if key != "step"}

@@ -210,11 +210,12 @@ def test_resume_gives_bitwise_identical_weights(tmp_path: Path) -> None:
         buffer_tokens=2000,
     )
     whole = train_topk(path, tmp_path / "whole", cfg, tmp_path / "ck_whole", progress=False)
+    # stopped at a checkpoint step, as a killed run resumes from its last checkpoint
     part = train_topk(
-        path, tmp_path / "split", cfg, tmp_path / "ck_split", progress=False, stop_after_steps=17
+        path, tmp_path / "split", cfg, tmp_path / "ck_split", progress=False, stop_after_steps=14
     )
-    assert part["steps"] == 17 and not (tmp_path / "split").exists()
-    train_topk(path, tmp_path / "split", cfg, tmp_path / "ck_split", progress=False)
+    assert part["steps"] == 14 and not (tmp_path / "split").exists()
+    split = train_topk(path, tmp_path / "split", cfg, tmp_path / "ck_split", progress=False)
 
     assert whole["auxk_loss"] > 0, "test should exercise the AuxK path"
     a = load_file(tmp_path / "whole" / "sae_weights.safetensors")
@@ -224,6 +225,16 @@ def test_resume_gives_bitwise_identical_weights(tmp_path: Path) -> None:
     with (tmp_path / "split.train_log.csv").open() as f:
         steps = [int(r["step"]) for r in csv.DictReader(f)]
     assert steps == sorted(set(steps)) and steps[-1] == 40
+    # the log and the final statistics (saved in cfg.json) match too, timings aside
+    logs = []
+    for name in ("whole", "split"):
+        with (tmp_path / f"{name}.train_log.csv").open() as f:
+            logs.append([{k: v for k, v in r.items() if k != "tokens_per_s"}
+                         for r in csv.DictReader(f)])
+    assert logs[0] == logs[1]
+    assert {k: v for k, v in whole.items() if k != "tokens_per_s"} == {
+        k: v for k, v in split.items() if k != "tokens_per_s"
+    }
 
 
 # ---------------------------------------------------------------------- SAELens layout
