@@ -151,3 +151,23 @@ def test_schema_rejects_a_bad_width_label():
     config["pretrained_families"]["gs9b_res20"]["grid"]["16 k"] = [3]
     with pytest.raises(WorkflowError, match="16 k"):
         validate(config, SCHEMA)
+
+
+def test_jobs_that_load_gemma_2_9b_ask_for_its_memory(tmp_path):
+    """models.<m>.mem_mb reaches every job that loads the model (SLURM --mem): 48 GB for the 9B
+    model in float32, not the 8 GB default that would get such a job killed."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    target = "sae_eval/gs9b_res20-w16k-l0-58/pile.metrics.json"
+    cmd = [sys.executable, "-m", "snakemake", "-n", target, "--configfile", str(OVERLAY),
+           "--config", f"workdir={tmp_path / 'wd'}", "--cores", "1"]
+    run = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+                         check=False)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    blocks = re.split(r"\n(?=(?:local)?rule )", run.stdout)
+    memory = {
+        block.split(":", 1)[0].split()[-1]: re.search(r"mem_mb=(\d+)", block)[1]
+        for block in blocks
+        if block.startswith(("rule ", "localrule ")) and "mem_mb=" in block
+    }
+    assert memory["evaluate_sae"] == "48000"
+    assert memory["cache_activations_gemma2_9b"] == "48000"

@@ -41,7 +41,7 @@ for _model in config["models"]:
             "benchmarks/cache_activations/{model}/{corpus}.tsv"
         threads: 2
         resources:
-            mem_mb=8000,
+            mem_mb=model_mem_mb,
             runtime=120,
             gpu=1,
         shell:
@@ -69,7 +69,7 @@ rule lm_loss:
         "benchmarks/lm_loss/{model}/{corpus}.tsv"
     threads: 2
     resources:
-        mem_mb=8000,
+        mem_mb=model_mem_mb,
         runtime=120,
         gpu=1,
     shell:

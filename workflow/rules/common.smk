@@ -95,6 +95,16 @@ def all_targets():
     return targets
 
 
+def model_mem_mb(wildcards):
+    """Memory request of a job that loads the model named by its {model} wildcard."""
+    return config["models"][wildcards.model].get("mem_mb", 8000)
+
+
+def sae_model_mem_mb(wildcards):
+    """Memory request of a job that loads the model of its {sae_id}'s SAE."""
+    return config["models"][SAES[wildcards.sae_id]["model"]].get("mem_mb", 8000)
+
+
 def model_dtype(wildcards):
     return config["models"][wildcards.model]["dtype"]
 

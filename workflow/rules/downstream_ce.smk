@@ -56,7 +56,7 @@ rule downstream_ce:
         "benchmarks/downstream_ce/{sae_id}/{corpus}.tsv"
     threads: 1
     resources:
-        mem_mb=8000,
+        mem_mb=sae_model_mem_mb,
         runtime=60,
         gpu=1,
     shell:

@@ -33,7 +33,7 @@ rule evaluate_sae:
         "benchmarks/evaluate_sae/{sae_id}/{corpus}.tsv"
     threads: 2
     resources:
-        mem_mb=8000,
+        mem_mb=sae_model_mem_mb,
         runtime=60,
         gpu=1,
     shell:
