@@ -251,7 +251,7 @@ rule plot_figure8:
         pdf="plots/figure8.pdf",
     params:
         options=figure8_options,
-        code=code_version("figures.figure8"),
+        code=code_version("figures.figure8", "figures.pdf"),
     log:
         "logs/plot_figure8/figure8.log",
     threads: 1

@@ -23,7 +23,7 @@ rule plot_dark_matter:
         figure=alternation(DM_FIGURES),
     params:
         options=plot_options,
-        code=code_version("figures.dark_matter"),
+        code=code_version("figures.dark_matter", "figures.pdf"),
     log:
         "logs/plot_dark_matter/figure{figure}.log",
     threads: 1
@@ -50,7 +50,7 @@ rule plot_error_effects:
         figure=alternation(EFFECT_FIGURES),
     params:
         options=plot_options,
-        code=code_version("figures.error_effects"),
+        code=code_version("figures.error_effects", "figures.pdf"),
     log:
         "logs/plot_error_effects/figure{figure}.log",
     threads: 1

@@ -14,7 +14,6 @@ and options give the same bytes.
 from __future__ import annotations
 
 import argparse
-import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,12 +22,12 @@ import matplotlib
 import numpy as np
 import pandas as pd
 from matplotlib.axes import Axes
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import ConnectionPatch, Rectangle
 from matplotlib.ticker import NullFormatter
 
 from saeflow import h5io
+from saeflow.figures.pdf import read_table, save_pdf
 
 BAND_COLORS = [matplotlib.colormaps["viridis"](i / 7) for i in (7, 5, 3, 1)]
 BANDS = [  # bottom to top, as the original stacks them
@@ -59,12 +58,6 @@ class PlotOptions:
     """Figure 11: first window offset of the magnified panel."""
     magnify_length: int = 10
     """Figure 11: tokens in the magnified panel."""
-
-
-def _check_columns(table: pd.DataFrame, columns: Sequence[str], source: str) -> None:
-    missing = [c for c in columns if c not in table.columns]
-    if missing:
-        raise h5io.InputFileError(f"{source}: columns {missing} missing; found {list(table)}")
 
 
 def draw_figure1(fig: Figure, table: pd.DataFrame, opts: PlotOptions) -> None:
@@ -369,20 +362,11 @@ DRAW: dict[str, tuple[Callable[[Figure, pd.DataFrame, PlotOptions], None], list[
 def plot(figure: int | str, table_path: str, out: str, opts: PlotOptions) -> Path:
     """Draw figure ``figure`` from ``table_path`` into the PDF ``out`` (written atomically)."""
     draw, columns = DRAW[str(figure)]
-    table = pd.read_csv(table_path)
-    _check_columns(table, columns, table_path)
+    table = read_table(table_path, columns)
     if table.empty:
         raise h5io.InputFileError(f"{table_path}: no rows")
-    digest = hashlib.sha256(Path(table_path).read_bytes()).hexdigest()
-    with matplotlib.rc_context({"font.size": opts.font_size, "pdf.fonttype": 42}):
-        fig = Figure(figsize=(opts.width, opts.height), layout="constrained")
-        FigureCanvasAgg(fig)
-        draw(fig, table, opts)
-        with h5io.atomic_path(out) as tmp:
-            fig.savefig(tmp, format="pdf", metadata={
-                "Creator": "saeflow", "CreationDate": None,
-                "Subject": f"drawn from {Path(table_path).name} sha256:{digest}"})
-    return Path(out)
+    return save_pdf(lambda fig: draw(fig, table, opts), table_path, out, opts.width,
+                    opts.height, opts.font_size)
 
 
 def _parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, PlotOptions]:

@@ -19,7 +19,6 @@ names the table's SHA-256 and no creation date is stored, so a table gives the s
 from __future__ import annotations
 
 import argparse
-import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,11 +26,11 @@ from pathlib import Path
 import matplotlib
 import numpy as np
 import pandas as pd
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import NullFormatter
 
 from saeflow import h5io
+from saeflow.figures.pdf import read_table, save_pdf
 
 
 @dataclass(frozen=True)
@@ -147,22 +146,11 @@ DRAW: dict[str, tuple[Callable[[Figure, pd.DataFrame, PlotOptions], None], list[
 def plot(figure: str, table_path: str, out: str, opts: PlotOptions) -> Path:
     """Draw ``figure`` from ``table_path`` into the PDF ``out`` (written atomically)."""
     draw, columns = DRAW[figure]
-    table = pd.read_csv(table_path)
-    missing = [c for c in columns if c not in table.columns]
-    if missing:
-        raise h5io.InputFileError(f"{table_path}: columns {missing} missing; found {list(table)}")
+    table = read_table(table_path, columns)
     if table.empty:
         raise h5io.InputFileError(f"{table_path}: no rows")
-    digest = hashlib.sha256(Path(table_path).read_bytes()).hexdigest()
-    with matplotlib.rc_context({"font.size": opts.font_size, "pdf.fonttype": 42}):
-        fig = Figure(figsize=(opts.width, opts.height), layout="constrained")
-        FigureCanvasAgg(fig)
-        draw(fig, table, opts)
-        with h5io.atomic_path(out) as tmp:
-            fig.savefig(tmp, format="pdf", metadata={
-                "Creator": "saeflow", "CreationDate": None,
-                "Subject": f"drawn from {Path(table_path).name} sha256:{digest}"})
-    return Path(out)
+    return save_pdf(lambda fig: draw(fig, table, opts), table_path, out, opts.width,
+                    opts.height, opts.font_size)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -25,7 +25,6 @@ the table's SHA-256.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -34,11 +33,11 @@ from pathlib import Path
 import matplotlib
 import numpy as np
 import pandas as pd
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from saeflow import h5io
 from saeflow.autointerp import scoring
+from saeflow.figures.pdf import read_table, save_pdf
 
 SCORERS = ("detection", "fuzzing")
 X_LABELS = ["Not"] + [f"Q{q}" for q in range(1, 11)]
@@ -133,22 +132,11 @@ def draw(fig: Figure, table: pd.DataFrame, opts: PlotOptions) -> None:
 
 def plot(table_path: str, out: str, opts: PlotOptions) -> Path:
     """Draw ``out`` (PDF, written atomically) from the table alone."""
-    table = pd.read_csv(table_path)
-    missing = [c for c in COLUMNS if c not in table.columns]
-    if missing:
-        raise h5io.InputFileError(f"{table_path}: columns {missing} missing; found {list(table)}")
+    table = read_table(table_path, COLUMNS)
     if not (table.scorer == opts.scorer).any():
         raise h5io.InputFileError(f"{table_path}: no rows for scorer {opts.scorer!r}")
-    digest = hashlib.sha256(Path(table_path).read_bytes()).hexdigest()
-    with matplotlib.rc_context({"font.size": opts.font_size, "pdf.fonttype": 42}):
-        fig = Figure(figsize=(opts.width, opts.height), layout="constrained")
-        FigureCanvasAgg(fig)
-        draw(fig, table, opts)
-        with h5io.atomic_path(out) as tmp:
-            fig.savefig(tmp, format="pdf", metadata={
-                "Creator": "saeflow", "CreationDate": None,
-                "Subject": f"drawn from {Path(table_path).name} sha256:{digest}"})
-    return Path(out)
+    return save_pdf(lambda fig: draw(fig, table, opts), table_path, out, opts.width,
+                    opts.height, opts.font_size)
 
 
 def _parser() -> argparse.ArgumentParser:
