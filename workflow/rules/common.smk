@@ -97,12 +97,12 @@ def all_targets():
 
 def model_mem_mb(wildcards):
     """Memory request of a job that loads the model named by its {model} wildcard."""
-    return config["models"][wildcards.model].get("mem_mb", 8000)
+    return config["models"][wildcards.model]["mem_mb"]  # default (8000) set by the schema
 
 
 def sae_model_mem_mb(wildcards):
     """Memory request of a job that loads the model of its {sae_id}'s SAE."""
-    return config["models"][SAES[wildcards.sae_id]["model"]].get("mem_mb", 8000)
+    return config["models"][SAES[wildcards.sae_id]["model"]]["mem_mb"]
 
 
 def model_dtype(wildcards):
