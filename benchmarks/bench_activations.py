@@ -42,7 +42,8 @@ def bare_forward(model, ids: torch.Tensor, last_layer: int) -> torch.Tensor:
 
 
 def machine() -> dict:
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
+    cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo
                 if line.startswith("model name")), platform.processor())
     info = {"cpu": cpu, "cores": torch.get_num_threads(), "torch": torch.__version__,
             "python": platform.python_version()}
