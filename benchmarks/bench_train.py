@@ -30,7 +30,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -45,6 +44,7 @@ from typing import Any
 
 import h5py
 import torch
+from host import host
 from sae_lens import TopKTrainingSAE, TopKTrainingSAEConfig
 from sae_lens.saes.sae import TrainStepInput
 from schedulefree import ScheduleFreeWrapper
@@ -346,15 +346,10 @@ def cpu_counters() -> tuple[Any, float, float]:
 
 
 def machine(device: str) -> dict[str, Any]:
-    cpu = platform.processor()
-    with open("/proc/cpuinfo") as f:
-        cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
     info = {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
+        **host(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
-        "python": platform.python_version(),
         "device": device,
     }
     if device.startswith("cuda"):
