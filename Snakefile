@@ -10,7 +10,6 @@ if not workflow.config_settings.configfiles:
     configfile: "config/config.yaml"
 
 
-
 validate(config, "workflow/schemas/config.schema.yaml")
 
 
@@ -20,6 +19,7 @@ include: "workflow/rules/data.smk"
 include: "workflow/rules/activations.smk"
 include: "workflow/rules/saes.smk"
 include: "workflow/rules/sae_eval.smk"
+include: "workflow/rules/dark_matter_common.smk"
 include: "workflow/rules/dark_matter.smk"
 include: "workflow/rules/downstream_ce.smk"
 include: "workflow/rules/noise_simulation.smk"

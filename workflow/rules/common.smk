@@ -1,4 +1,4 @@
-# Helpers shared by the rule files: named functions only (no lambdas in rules).
+# Helpers shared by the rule files, as named functions only (no lambdas in rules).
 import hashlib
 import importlib.util
 import os
@@ -60,6 +60,25 @@ def model_files(model):
 
 def model_input(wildcards):
     return model_files(wildcards.model)
+
+
+def corpus_args(wildcards):
+    """Command-line arguments describing a corpus (every knob, so a change reruns the job)."""
+    c = config["corpora"][wildcards.corpus]
+    args = [
+        f"--source {c['source']}",
+        f"--tokenizer {model_path(c['tokenizer'])}",
+        f"--ctx-len {c['ctx_len']} --n-seq {c['n_seq']} --seed {c['seed']}",
+        "--prepend-bos" if c["prepend_bos"] else "--no-prepend-bos",
+        f"--split {c['split']} --eval-fraction {c['eval_fraction']}",
+    ]
+    if c["source"] == "hf":
+        hf = c["hf"]
+        args.append(f"--hf-path {hf['path']} --hf-split {hf.get('split', 'train')}")
+        args.append(f"--hf-text-field {hf.get('text_field', 'text')}")
+        if hf.get("name"):
+            args.append(f"--hf-name {hf['name']}")
+    return " ".join(args)
 
 
 def corpus_model_input(wildcards):

@@ -5,107 +5,7 @@
 # probe against latent activations (14).
 # Per-SAE jobs take 1 thread: they are independent, so -c2 runs two at once, and small
 # multi-threaded GEMMs stall on a loaded machine.
-
-DM = config["dark_matter"]
-DM_SAES = sorted(i for i, s in SAES.items() if s.get("family") == DM["family"])
-DM_SCALING_FIGURES = ["1", "2", "3", "4", "5"]
-DM_PER_TOKEN_FIGURES = ["6", "10a", "11", "12"]
-DM_FIGURES = DM_SCALING_FIGURES + ["6", "7", "10a", "11", "12", "13", "14"]
-
-
-def nominal_l0(sae_id):
-    """An SAE's sparsity key: its k, else the nominal L0 of a pretrained release ("nan": none)."""
-    sae = SAES[sae_id]
-    value = sae.get("k", sae.get("l0"))
-    return "nan" if value is None else value
-
-
-# a TopK family is grouped by k; one without a shared k (Gemma Scope) by target L0
-DM_SHARED_K = bool(DM_SAES) and all(SAES[i].get("k") is not None for i in DM_SAES)
-DM_L0_TARGETS = [] if DM_SHARED_K else sorted({DM["headline_l0"], *DM.get("l0_targets", [])})
-
-
-def headline_saes():
-    """The family's SAEs at its k closest to headline_l0 (smaller k on a tie, as scaling.py);
-    for a family without k (Gemma Scope), per width the SAE whose nominal L0 is closest to
-    headline_l0 (smaller L0 on a tie), as the paper's L0~60 selection."""
-    if DM_SHARED_K:
-        ks = sorted({SAES[i]["k"] for i in DM_SAES})
-        k = min(ks, key=lambda k: (abs(k - DM["headline_l0"]), k))
-        return sorted((i for i in DM_SAES if SAES[i]["k"] == k), key=lambda i: SAES[i]["d_sae"])
-    by_width = {}
-    for i in DM_SAES:
-        if SAES[i].get("l0") is not None:
-            by_width.setdefault(SAES[i]["d_sae"], []).append(i)
-
-    def distance(sae_id):
-        return abs(SAES[sae_id]["l0"] - DM["headline_l0"]), SAES[sae_id]["l0"]
-
-    return [min(by_width[w], key=distance) for w in sorted(by_width)]
-
-
-def listed_saes(key, default):
-    """SAE ids a dark_matter key lists, each checked to be declared."""
-    value = DM[key]
-    names = (value if isinstance(value, list) else [value]) if value else default
-    unknown = [n for n in names if n not in SAES]
-    if unknown:
-        raise WorkflowError(f"dark_matter.{key}: {unknown} not among the declared SAEs {sorted(SAES)}")
-    return names
-
-
-def check_window():
-    """Figures 11-12's window must start inside the evaluation tokens; say so before any job."""
-    corpus = config["corpora"][EVAL_CORPUS]
-    kept = corpus["ctx_len"] - config["activations"]["skip_positions"]
-    n_tokens = corpus["n_seq"] * kept
-    if DM["family"] and DM["window_start"] >= n_tokens:
-        raise WorkflowError(
-            f"dark_matter.window_start: {DM['window_start']} is past the {n_tokens} evaluation "
-            f"tokens of corpora.{EVAL_CORPUS} (n_seq x (ctx_len - skip_positions))"
-        )
-
-
-check_window()
-DM_HEADLINE_SAES = headline_saes()
-DM_BASELINE_SAES = listed_saes("baseline_saes", DM_SAES)
-DM_PROBE_SAE = listed_saes("probe_sae", DM_HEADLINE_SAES[-1:])
-
-
-def family_files(pattern, sae_ids=None):
-    """One path per SAE (default: the Dark Matter family) on the evaluation corpus, in order."""
-    ids = DM_SAES if sae_ids is None else sae_ids
-    return [pattern.format(sae_id=sae_id, corpus=EVAL_CORPUS) for sae_id in ids]
-
-
-def sae_k_flag(wildcards):
-    """``--k K`` for SAEs with a k (TopK, BatchTopK), nothing for the others."""
-    k = SAES[wildcards.sae_id].get("k")
-    return f"--k {k}" if k is not None else ""
-
-
-def sae_lm_loss(wildcards):
-    return f"acts/{SAES[wildcards.sae_id]['model']}/{wildcards.corpus}/lm_loss.h5"
-
-
-def dm_tokenizer_input(wildcards):
-    return model_files(SAES[DM_HEADLINE_SAES[0]]["model"]) if DM_HEADLINE_SAES else []
-
-
-def probe_acts():
-    """Activations the probe SAE was evaluated on (its site, the evaluation corpus)."""
-    return [f"acts/{SAES[i]['model']}/{EVAL_CORPUS}/{SAES[i]['site']}.h5" for i in DM_PROBE_SAE]
-
-
-def dm_tokenizer():
-    return model_path(SAES[DM_HEADLINE_SAES[0]]["model"]) if DM_HEADLINE_SAES else ""
-
-
-def figure_table_args(wildcards):
-    """Only the knobs a figure's table uses, so a change rebuilds only that table."""
-    if wildcards.figure == "1":
-        return f"--headline-l0 {DM['headline_l0']} --extrapolate {DM['extrapolate']}"
-    return ""
+# Its configuration and helper functions are in dark_matter_common.smk.
 
 
 rule error_split:
@@ -116,22 +16,24 @@ rule error_split:
         split="dark_matter/{sae_id}/{corpus}/split.h5",
         fit="dark_matter/{sae_id}/{corpus}/fit.h5",
         metrics="dark_matter/{sae_id}/{corpus}/metrics.json",
+    log:
+        "logs/error_split/{sae_id}/{corpus}.log",
+    benchmark:
+        "benchmarks/error_split/{sae_id}/{corpus}.tsv"
     wildcard_constraints:
         sae_id=alternation(sorted(SAES)),
         corpus=alternation(sorted(config["corpora"])),
+    conda:
+        "../../envs/saeflow.yaml"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=30,
     params:
         test_fraction=DM["test_fraction"],
         seed=DM["seed"],
         chunk=DM["chunk_tokens"],
         code=code_version("dark_matter.error_split", "dark_matter.regression"),
-    log:
-        "logs/error_split/{sae_id}/{corpus}.log",
-    benchmark:
-        "benchmarks/error_split/{sae_id}/{corpus}.tsv"
-    threads: 1
-    resources:
-        mem_mb=4000,
-        runtime=30,
     shell:
         "python -m saeflow.dark_matter.error_split --acts {input.acts}"
         " --sae-eval {input.sae_eval} --out {output.split} --fit {output.fit}"
@@ -148,9 +50,19 @@ rule encoder_pursuit:
         sae_eval="sae_eval/{sae_id}/{corpus}.h5",
     output:
         pursuit="dark_matter/{sae_id}/{corpus}/pursuit.json",
+    log:
+        "logs/encoder_pursuit/{sae_id}/{corpus}.log",
+    benchmark:
+        "benchmarks/encoder_pursuit/{sae_id}/{corpus}.tsv"
     wildcard_constraints:
         sae_id=alternation(sorted(SAES)),
         corpus=alternation(sorted(config["corpora"])),
+    conda:
+        "../../envs/saeflow.yaml"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=60,
     params:
         tokens=DM["pursuit_tokens"],
         test_fraction=DM["test_fraction"],
@@ -163,14 +75,6 @@ rule encoder_pursuit:
             "dark_matter.regression",
             "dark_matter.error_split",
         ),
-    log:
-        "logs/encoder_pursuit/{sae_id}/{corpus}.log",
-    benchmark:
-        "benchmarks/encoder_pursuit/{sae_id}/{corpus}.tsv"
-    threads: 1
-    resources:
-        mem_mb=4000,
-        runtime=60,
     shell:
         "python -m saeflow.dark_matter.encoder_pursuit --sae saes/{wildcards.sae_id}"
         " --acts {input.acts} --sae-eval {input.sae_eval} --out {output.pursuit}"
@@ -189,6 +93,14 @@ rule dark_matter_scaling:
     output:
         saes="tables/dark_matter_saes.csv",
         fits="tables/dark_matter_power_laws.csv",
+    log:
+        "logs/dark_matter_scaling/scaling.log",
+    conda:
+        "../../envs/saeflow.yaml"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
     params:
         sae_ids=DM_SAES,
         nominal_l0=[nominal_l0(i) for i in DM_SAES],
@@ -196,12 +108,6 @@ rule dark_matter_scaling:
         n_boot=DM["n_boot"],
         seed=DM["seed"],
         code=code_version("dark_matter.scaling", "dark_matter.power_law"),
-    log:
-        "logs/dark_matter_scaling/scaling.log",
-    threads: 1
-    resources:
-        mem_mb=2000,
-        runtime=10,
     shell:
         "python -m saeflow.dark_matter.scaling collect --sae-ids {params.sae_ids}"
         " --sae-cfg {input.cfg} --eval-metrics {input.eval_metrics}"
@@ -217,17 +123,19 @@ rule dark_matter_figure_table:
         fits="tables/dark_matter_power_laws.csv",
     output:
         table="tables/figure{figure}.csv",
-    wildcard_constraints:
-        figure=alternation(DM_SCALING_FIGURES),
-    params:
-        args=figure_table_args,
-        code=code_version("dark_matter.scaling", "dark_matter.power_law"),
     log:
         "logs/dark_matter_figure_table/figure{figure}.log",
+    wildcard_constraints:
+        figure=alternation(DM_SCALING_FIGURES),
+    conda:
+        "../../envs/saeflow.yaml"
     threads: 1
     resources:
         mem_mb=2000,
         runtime=10,
+    params:
+        args=figure_table_args,
+        code=code_version("dark_matter.scaling", "dark_matter.power_law"),
     shell:
         "python -m saeflow.dark_matter.scaling figure --figure {wildcards.figure}"
         " --saes {input.saes} --fits {input.fits} --out {output.table} {params.args}"
@@ -241,20 +149,22 @@ rule dark_matter_per_token:
     output:
         fig6="tables/figure6.csv",
         fig10a="tables/figure10a.csv",
+    log:
+        "logs/dark_matter_per_token/per_token.log",
+    benchmark:
+        "benchmarks/dark_matter_per_token/per_token.tsv"
+    conda:
+        "../../envs/saeflow.yaml"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=20,
     params:
         sae_ids=DM_HEADLINE_SAES,
         test_fraction=DM["test_fraction"],
         seed=DM["seed"],
         chunk=DM["chunk_tokens"],
         code=code_version("dark_matter.per_token", "dark_matter.regression"),
-    log:
-        "logs/dark_matter_per_token/per_token.log",
-    benchmark:
-        "benchmarks/dark_matter_per_token/per_token.tsv"
-    threads: 1
-    resources:
-        mem_mb=4000,
-        runtime=20,
     shell:
         "python -m saeflow.dark_matter.per_token --sae-ids {params.sae_ids}"
         " --sae-eval {input.sae_eval} --split {input.split} --fig6 {output.fig6}"
@@ -270,6 +180,14 @@ rule dark_matter_token_window:
     output:
         fig11="tables/figure11.csv",
         fig12="tables/figure12.csv",
+    log:
+        "logs/dark_matter_token_window/window.log",
+    conda:
+        "../../envs/saeflow.yaml"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=10,
     params:
         sae_ids=DM_HEADLINE_SAES,
         tokenizer=dm_tokenizer(),
@@ -277,12 +195,6 @@ rule dark_matter_token_window:
         window_length=DM["window_length"],
         chunk=DM["chunk_tokens"],
         code=code_version("dark_matter.per_token"),
-    log:
-        "logs/dark_matter_token_window/window.log",
-    threads: 1
-    resources:
-        mem_mb=4000,
-        runtime=10,
     shell:
         "python -m saeflow.dark_matter.per_token --sae-ids {params.sae_ids}"
         " --sae-eval {input.sae_eval} --split {input.split} --fig11 {output.fig11}"
@@ -298,9 +210,19 @@ rule norm_prediction:
         split="dark_matter/{sae_id}/{corpus}/split.h5",
     output:
         result="dark_matter/{sae_id}/{corpus}/norm_prediction.json",
+    log:
+        "logs/norm_prediction/{sae_id}/{corpus}.log",
+    benchmark:
+        "benchmarks/norm_prediction/{sae_id}/{corpus}.tsv"
     wildcard_constraints:
         sae_id=alternation(sorted(SAES)),
         corpus=alternation(sorted(config["corpora"])),
+    conda:
+        "../../envs/saeflow.yaml"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=30,
     params:
         site=sae_site,
         k=sae_k_flag,
@@ -308,14 +230,6 @@ rule norm_prediction:
         seed=DM["seed"],
         chunk=DM["chunk_tokens"],
         code=code_version("dark_matter.norm_prediction", "dark_matter.regression"),
-    log:
-        "logs/norm_prediction/{sae_id}/{corpus}.log",
-    benchmark:
-        "benchmarks/norm_prediction/{sae_id}/{corpus}.tsv"
-    threads: 1
-    resources:
-        mem_mb=4000,
-        runtime=30,
     shell:
         "python -m saeflow.dark_matter.norm_prediction fit --acts {input.acts}"
         " --sae-eval {input.sae_eval} --split {input.split} --out {output.result}"
@@ -331,9 +245,19 @@ rule norm_baselines:
         lm_loss=sae_lm_loss,
     output:
         result="dark_matter/{sae_id}/{corpus}/norm_baselines.json",
+    log:
+        "logs/norm_baselines/{sae_id}/{corpus}.log",
+    benchmark:
+        "benchmarks/norm_baselines/{sae_id}/{corpus}.tsv"
     wildcard_constraints:
         sae_id=alternation(sorted(SAES)),
         corpus=alternation(sorted(config["corpora"])),
+    conda:
+        "../../envs/saeflow.yaml"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=30,
     params:
         site=sae_site,
         k=sae_k_flag,
@@ -346,14 +270,6 @@ rule norm_baselines:
             "dark_matter.per_token",
             "dark_matter.regression",
         ),
-    log:
-        "logs/norm_baselines/{sae_id}/{corpus}.log",
-    benchmark:
-        "benchmarks/norm_baselines/{sae_id}/{corpus}.tsv"
-    threads: 1
-    resources:
-        mem_mb=4000,
-        runtime=30,
     shell:
         "python -m saeflow.dark_matter.norm_baselines fit --acts {input.acts}"
         " --sae-eval {input.sae_eval} --lm-loss {input.lm_loss} --out {output.result}"
@@ -367,14 +283,16 @@ rule dark_matter_norm_table:
         norm_prediction=family_files("dark_matter/{sae_id}/{corpus}/norm_prediction.json"),
     output:
         table="tables/figure7.csv",
-    params:
-        code=code_version("dark_matter.norm_prediction"),
     log:
         "logs/dark_matter_norm_table/figure7.log",
+    conda:
+        "../../envs/saeflow.yaml"
     threads: 1
     resources:
         mem_mb=1000,
         runtime=5,
+    params:
+        code=code_version("dark_matter.norm_prediction"),
     shell:
         "python -m saeflow.dark_matter.norm_prediction table --inputs {input.norm_prediction}"
         " --out {output.table} > {log} 2>&1"
@@ -387,14 +305,16 @@ rule dark_matter_baselines_table:
         ),
     output:
         table="tables/figure13.csv",
-    params:
-        code=code_version("dark_matter.norm_baselines", "dark_matter.norm_prediction"),
     log:
         "logs/dark_matter_baselines_table/figure13.log",
+    conda:
+        "../../envs/saeflow.yaml"
     threads: 1
     resources:
         mem_mb=1000,
         runtime=5,
+    params:
+        code=code_version("dark_matter.norm_baselines", "dark_matter.norm_prediction"),
     shell:
         "python -m saeflow.dark_matter.norm_baselines table --inputs {input.norm_baselines}"
         " --out {output.table} > {log} 2>&1"
@@ -409,6 +329,16 @@ rule probe_similarity:
     output:
         table="tables/figure14.csv",
         metrics=family_files("dark_matter/{sae_id}/{corpus}/probe_similarity.json", DM_PROBE_SAE),
+    log:
+        "logs/probe_similarity/figure14.log",
+    benchmark:
+        "benchmarks/probe_similarity/figure14.tsv"
+    conda:
+        "../../envs/saeflow.yaml"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=20,
     params:
         sae_id=DM_PROBE_SAE,
         test_fraction=DM["test_fraction"],
@@ -421,14 +351,6 @@ rule probe_similarity:
             "dark_matter.norm_prediction",
             "dark_matter.regression",
         ),
-    log:
-        "logs/probe_similarity/figure14.log",
-    benchmark:
-        "benchmarks/probe_similarity/figure14.tsv"
-    threads: 1
-    resources:
-        mem_mb=4000,
-        runtime=20,
     shell:
         "python -m saeflow.dark_matter.probe_similarity --sae saes/{params.sae_id}"
         " --acts {input.acts} --sae-eval {input.sae_eval} --out {output.table}"

@@ -1,34 +1,7 @@
 # Figure 9 of "Decomposing the Dark Matter of SAEs": next-token CE with the SAE's reconstruction,
 # plus its error's linear or nonlinear part, spliced into the model (per SAE of the family), and
 # the table behind plots/figure9.pdf (drawn in figures.smk). Reads error_split's fitted map.
-
-DCE = DM.get("downstream_ce", {})
-
-
-def configured_sae(sae_id, key):
-    """``sae_id`` if given (checked), else the family's narrowest SAE at the L0 closest to
-    headline_l0 (the original's "16k, L0 ~ 60" choice for Figures 10b and 15)."""
-    if sae_id:
-        if sae_id not in SAES:
-            raise WorkflowError(
-                f"{key}: '{sae_id}' is not an SAE of this config (known: {', '.join(sorted(SAES))})"
-            )
-        return sae_id
-    if not DM_SAES:
-        return None
-
-    def width_l0(candidate):
-        sae = SAES[candidate]
-        l0 = sae.get("k", sae.get("l0"))
-        return sae.get("d_sae", sae.get("width")), abs(l0 - DM["headline_l0"]), l0
-
-    return min(DM_SAES, key=width_l0)
-
-
-def figure9_k_width(wildcards):
-    """--k-width only when the config names one, so the default follows the family's widths."""
-    width = DCE.get("k_width")
-    return "" if width is None else f"--k-width {width}"
+# Its configuration and helper functions are in dark_matter_common.smk.
 
 
 rule downstream_ce:
@@ -40,9 +13,20 @@ rule downstream_ce:
         model=sae_model_input,
     output:
         result="dark_matter/{sae_id}/{corpus}/downstream_ce.json",
+    log:
+        "logs/downstream_ce/{sae_id}/{corpus}.log",
+    benchmark:
+        "benchmarks/downstream_ce/{sae_id}/{corpus}.tsv"
     wildcard_constraints:
         sae_id=alternation(sorted(SAES)),
         corpus=alternation(sorted(config["corpora"])),
+    conda:
+        "../../envs/saeflow.yaml"
+    threads: 1
+    resources:
+        mem_mb=sae_model_mem_mb,
+        runtime=60,
+        gpu=1,
     params:
         model=sae_model_path,
         site=sae_site,
@@ -50,15 +34,6 @@ rule downstream_ce:
         batch_size=DCE.get("batch_size", 8),
         skip=config["activations"]["skip_positions"],
         code=code_version("dark_matter.downstream_ce", "sae_eval", "metrics"),
-    log:
-        "logs/downstream_ce/{sae_id}/{corpus}.log",
-    benchmark:
-        "benchmarks/downstream_ce/{sae_id}/{corpus}.tsv"
-    threads: 1
-    resources:
-        mem_mb=sae_model_mem_mb,
-        runtime=60,
-        gpu=1,
     shell:
         "python -m saeflow.dark_matter.downstream_ce run --sae saes/{wildcards.sae_id}"
         " --fit {input.fit} --model {params.model} --tokens {input.tokens} --site {params.site}"
@@ -73,18 +48,20 @@ rule downstream_ce_table:
         eval_metrics=family_files("sae_eval/{sae_id}/{corpus}.metrics.json"),
     output:
         table="tables/figure9.csv",
+    log:
+        "logs/downstream_ce_table/figure9.log",
+    conda:
+        "../../envs/saeflow.yaml"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
     params:
         sae_ids=DM_SAES,
         nominal_l0=[nominal_l0(i) for i in DM_SAES],
         headline_l0=DM["headline_l0"],
         k_width=figure9_k_width,
         code=code_version("dark_matter.downstream_ce"),
-    log:
-        "logs/downstream_ce_table/figure9.log",
-    threads: 1
-    resources:
-        mem_mb=2000,
-        runtime=10,
     shell:
         "python -m saeflow.dark_matter.downstream_ce table --sae-ids {params.sae_ids}"
         " --results {input.results} --eval-metrics {input.eval_metrics} --out {output.table}"

@@ -1,17 +1,6 @@
 # Figures: each plots/figureN.pdf is drawn only from tables/figureN.csv; plotting options come
 # from config["figures"]["figureN"], so changing one redraws only that plot.
-
-
-def plot_options(wildcards):
-    """The figure's plotting options as command-line flags (log_x -> --log-x / --no-log-x)."""
-    flags = []
-    for key, value in sorted(config["figures"][f"figure{wildcards.figure}"].items()):
-        flag = key.replace("_", "-")
-        if isinstance(value, bool):
-            flags.append(f"--{flag}" if value else f"--no-{flag}")
-        else:
-            flags.append(f"--{flag} {value}")
-    return " ".join(flags)
+# Its helper function plot_options is in dark_matter_common.smk.
 
 
 rule plot_dark_matter:
@@ -19,17 +8,19 @@ rule plot_dark_matter:
         table="tables/figure{figure}.csv",
     output:
         pdf="plots/figure{figure}.pdf",
-    wildcard_constraints:
-        figure=alternation(DM_FIGURES),
-    params:
-        options=plot_options,
-        code=code_version("figures.dark_matter", "figures.pdf"),
     log:
         "logs/plot_dark_matter/figure{figure}.log",
+    wildcard_constraints:
+        figure=alternation(DM_FIGURES),
+    conda:
+        "../../envs/saeflow.yaml"
     threads: 1
     resources:
         mem_mb=2000,
         runtime=10,
+    params:
+        options=plot_options,
+        code=code_version("figures.dark_matter", "figures.pdf"),
     shell:
         "python -m saeflow.figures.dark_matter --figure {wildcards.figure}"
         " --table {input.table} --out {output.pdf} {params.options} > {log} 2>&1"
@@ -38,7 +29,8 @@ rule plot_dark_matter:
 # Figures 9, 10b and 15 (Dark Matter paper): drawn by saeflow.figures.error_effects, each only
 # from its tables/figureN.csv; options from config["figures"]["figureN"] via plot_options.
 EFFECT_FIGURES = ["9", "10b", "15"]
-EFFECT_TABLES = ["tables/table1.csv"]  # tables the default target builds with no plot of their own
+# tables the default target builds with no plot of their own
+EFFECT_TABLES = ["tables/table1.csv"]
 
 
 rule plot_error_effects:
@@ -46,17 +38,19 @@ rule plot_error_effects:
         table="tables/figure{figure}.csv",
     output:
         pdf="plots/figure{figure}.pdf",
-    wildcard_constraints:
-        figure=alternation(EFFECT_FIGURES),
-    params:
-        options=plot_options,
-        code=code_version("figures.error_effects", "figures.pdf"),
     log:
         "logs/plot_error_effects/figure{figure}.log",
+    wildcard_constraints:
+        figure=alternation(EFFECT_FIGURES),
+    conda:
+        "../../envs/saeflow.yaml"
     threads: 1
     resources:
         mem_mb=2000,
         runtime=10,
+    params:
+        options=plot_options,
+        code=code_version("figures.error_effects", "figures.pdf"),
     shell:
         "python -m saeflow.figures.error_effects --figure {wildcards.figure}"
         " --table {input.table} --out {output.pdf} {params.options} > {log} 2>&1"

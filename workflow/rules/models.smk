@@ -4,14 +4,16 @@
 rule convert_model:
     output:
         config="resources/models/{model}/config.json",
-    wildcard_constraints:
-        model=alternation(PACKAGED),
-    params:
-        code=code_version("models"),
     log:
         "logs/convert_model/{model}.log",
+    wildcard_constraints:
+        model=alternation(PACKAGED),
+    conda:
+        "../../envs/saeflow.yaml"
     resources:
         mem_mb=4000,
         runtime=20,
+    params:
+        code=code_version("models"),
     shell:
         "python -m saeflow.models convert --out resources/models/{wildcards.model} > {log} 2>&1"

@@ -1,25 +1,7 @@
 # Figure 15 and Table 1 of "Decomposing the Dark Matter of SAEs": a synthetic SAE built from one
 # real SAE (its reconstruction as ground truth, its rarest latents ablated, Gaussian activation
 # and reconstruction noise), and the tables behind plots/figure15.pdf and tables/table1.csv.
-
-NSIM = DM.get("noise_simulation", {})
-
-
-def noise_simulation_sae():
-    """The configured SAE, else the family's narrowest SAE at the L0 closest to headline_l0."""
-    return configured_sae(NSIM.get("sae"), "dark_matter.noise_simulation.sae")
-
-
-NSIM_SAE = noise_simulation_sae()
-
-
-def noise_simulation_mem_mb(wildcards):
-    """About ten float64 copies of the [tokens, d_model] activations (d 4096 if not known)."""
-    from saeflow.models import describe
-
-    dims = describe(config["models"][SAES[wildcards.sae_id]["model"]]["path"])
-    d = dims[1] if dims is not None else 4096
-    return max(2000, int(10 * 8 * NSIM.get("tokens", 8192) * d / 1e6) + 1000)
+# Its configuration and helper functions are in dark_matter_common.smk.
 
 
 rule noise_simulation:
@@ -30,9 +12,19 @@ rule noise_simulation:
         sae_eval="sae_eval/{sae_id}/{corpus}.h5",
     output:
         runs="dark_matter/{sae_id}/{corpus}/noise_simulation.csv",
+    log:
+        "logs/noise_simulation/{sae_id}/{corpus}.log",
+    benchmark:
+        "benchmarks/noise_simulation/{sae_id}/{corpus}.tsv"
     wildcard_constraints:
         sae_id=alternation(sorted(SAES)),
         corpus=alternation(sorted(config["corpora"])),
+    conda:
+        "../../envs/saeflow.yaml"
+    threads: 1
+    resources:
+        mem_mb=noise_simulation_mem_mb,
+        runtime=60,
     params:
         tokens=NSIM.get("tokens", 8192),
         percents=" ".join(map(str, NSIM.get("ablate_percents", [0, 10, 20, 30, 40, 50]))),
@@ -43,14 +35,6 @@ rule noise_simulation:
         test_fraction=DM["test_fraction"],
         seed=DM["seed"],
         code=code_version("dark_matter.noise_simulation", "dark_matter.regression"),
-    log:
-        "logs/noise_simulation/{sae_id}/{corpus}.log",
-    benchmark:
-        "benchmarks/noise_simulation/{sae_id}/{corpus}.tsv"
-    threads: 1
-    resources:
-        mem_mb=noise_simulation_mem_mb,
-        runtime=60,
     shell:
         "python -m saeflow.dark_matter.noise_simulation run --sae saes/{wildcards.sae_id}"
         " --acts {input.acts} --sae-eval {input.sae_eval} --out {output.runs}"
@@ -66,14 +50,16 @@ rule noise_simulation_tables:
     output:
         figure15="tables/figure15.csv",
         table1="tables/table1.csv",
-    params:
-        code=code_version("dark_matter.noise_simulation"),
     log:
         "logs/noise_simulation_tables/tables.log",
+    conda:
+        "../../envs/saeflow.yaml"
     threads: 1
     resources:
         mem_mb=2000,
         runtime=10,
+    params:
+        code=code_version("dark_matter.noise_simulation"),
     shell:
         "python -m saeflow.dark_matter.noise_simulation tables --runs {input.runs}"
         " --figure15 {output.figure15} --table1 {output.table1} > {log} 2>&1"
