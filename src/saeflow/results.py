@@ -28,7 +28,7 @@ from saeflow import h5io
 class _H5View:
     """Attribute access to an HDF5 file's datasets and attributes."""
 
-    def __init__(self, h5: h5py.File) -> None:
+    def __init__(self, h5: h5io.H5File) -> None:
         self.h5 = h5
         self.attrs = {key: h5io.plain(value) for key, value in h5.attrs.items()}
 

@@ -32,13 +32,12 @@ from collections.abc import Iterator, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 
-import h5py
 import numpy as np
 import pandas as pd
 import torch
 from torch import Tensor
 
-from saeflow import h5io
+from saeflow import cli, h5io
 from saeflow.dark_matter.regression import (
     NormalEquations,
     R2Accumulator,
@@ -56,9 +55,9 @@ class Source:
     """One source site: its activations, its SAE's evaluation file and error split."""
 
     name: str
-    acts: h5py.File
-    sae_eval: h5py.File
-    split: h5py.File
+    acts: h5io.H5File
+    sae_eval: h5io.H5File
+    split: h5io.H5File
 
 
 def predictors(src: Source, rows: slice) -> dict[str, Tensor]:
@@ -69,7 +68,7 @@ def predictors(src: Source, rows: slice) -> dict[str, Tensor]:
             "nonlinear_err": torch.from_numpy(src.split["nonlinear"][rows])}
 
 
-def targets(sae_eval: h5py.File, split: h5py.File, rows: slice) -> Tensor:
+def targets(sae_eval: h5io.H5File, split: h5io.H5File, rows: slice) -> Tensor:
     """[SaeError, nonlinear, linear] of the target SAE on ``rows``, [m, 3d] float32."""
     sae_error = -torch.from_numpy(sae_eval["error"][rows])  # the file stores Sae(x) - x
     return torch.cat([sae_error, torch.from_numpy(split["nonlinear"][rows]),
@@ -99,7 +98,7 @@ def chunks(n: int, size: int) -> Iterator[slice]:
         yield slice(start, min(start + size, n))
 
 
-def fit_all(sources: list[Source], tgt_eval: h5py.File, tgt_split: h5py.File, is_test: Tensor,
+def fit_all(sources: list[Source], tgt_eval: h5io.H5File, tgt_split: h5io.H5File, is_test: Tensor,
             chunk: int) -> dict[tuple[str, str], NormalEquations]:
     """Normal equations of the targets on each (source, predictor), over the train rows."""
     n, d_out = len(is_test), 3 * tgt_eval["error"].shape[1]
@@ -114,7 +113,7 @@ def fit_all(sources: list[Source], tgt_eval: h5py.File, tgt_split: h5py.File, is
     return normal
 
 
-def score_all(sources: list[Source], tgt_eval: h5py.File, tgt_split: h5py.File, is_test: Tensor,
+def score_all(sources: list[Source], tgt_eval: h5io.H5File, tgt_split: h5io.H5File, is_test: Tensor,
               chunk: int, normal: dict[tuple[str, str], NormalEquations]) -> pd.DataFrame:
     """Held-out R² of each target from each (source, predictor), one row per triple."""
     d = tgt_eval["error"].shape[1]
@@ -156,9 +155,7 @@ def run(args: argparse.Namespace) -> pd.DataFrame:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m saeflow.dark_matter.cross_site",
-                                description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.stage_parser("saeflow.dark_matter.cross_site", __doc__)
     p.add_argument("--target-eval", required=True, help="the target SAE's evaluation file")
     p.add_argument("--target-split", required=True, help="the target SAE's split.h5")
     p.add_argument("--source", nargs=4, action="append", required=True,
@@ -168,7 +165,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--test-fraction", type=float, default=0.5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--chunk-tokens", type=int, default=4096)
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
+    cli.add_threads(p)
     args = p.parse_args(argv)
     if not 0 < args.test_fraction < 1 or args.chunk_tokens < 1:
         p.error("need 0 < --test-fraction < 1 and --chunk-tokens >= 1")
@@ -179,10 +176,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    run(args)
+    cli.run_command(parse_args(argv), run)
 
 
 if __name__ == "__main__":

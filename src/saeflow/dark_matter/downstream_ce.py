@@ -41,7 +41,7 @@ import argparse
 import json
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -49,11 +49,14 @@ import torch
 from nnsight import NNsight
 from torch import Tensor
 
-from saeflow import h5io
+from saeflow import cli, h5io
 from saeflow.activations import envoy_for
 from saeflow.device import DEVICE_HELP, resolve_device
 from saeflow.metrics import next_token_ce
 from saeflow.models import load_model, resolve_site
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 from saeflow.sae_eval import spliced_logits
 from saeflow.saes import load_sae
 
@@ -90,7 +93,7 @@ def percent_recovered(ce_sae: float, ce_setting: float, ce_clean: float) -> floa
     return (ce_sae - ce_setting) / (ce_sae - ce_clean) * 100.0
 
 
-def spliced_ce(model: torch.nn.Module, site: str, tokens: np.ndarray, skip: int, batch_size: int,
+def spliced_ce(model: PreTrainedModel, site: str, tokens: np.ndarray, skip: int, batch_size: int,
                settings: Mapping[str, Replace]) -> dict[str, float]:
     """Mean next-token CE at positions >= skip: clean, and with each setting spliced in.
 
@@ -216,9 +219,7 @@ def table(args: argparse.Namespace) -> pd.DataFrame:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m saeflow.dark_matter.downstream_ce",
-                                description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.stage_parser("saeflow.dark_matter.downstream_ce", __doc__)
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="CE of each setting for one SAE")
     r.add_argument("--sae", required=True, help="SAE folder in the SAELens layout")
@@ -231,7 +232,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     r.add_argument("--seqs", type=int, default=32, help="leading sequences of the corpus to use")
     r.add_argument("--batch-size", type=int, default=8, help="sequences per forward")
     r.add_argument("--skip-positions", type=int, default=1, help="leading positions not spliced")
-    r.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
+    cli.add_threads(r)
     r.add_argument("--device", default="cpu", help=DEVICE_HELP)
     t = sub.add_parser("table", help="tables/figure9.csv from the per-SAE results")
     t.add_argument("--sae-ids", nargs="+", required=True)
@@ -252,13 +253,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    args = parse_args(argv)
-    if getattr(args, "threads", 0):
-        torch.set_num_threads(args.threads)
-    if args.command == "run":
-        run(args)
-    else:
-        table(args)
+    cli.run_command(parse_args(argv), {"run": run, "table": table})
 
 
 if __name__ == "__main__":

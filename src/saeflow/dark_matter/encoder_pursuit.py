@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from saeflow import h5io
+from saeflow import cli, h5io
 from saeflow.dark_matter.error_split import iter_chunks, open_inputs
 from saeflow.dark_matter.pursuit import gradient_pursuit
 from saeflow.dark_matter.regression import F64, NormalEquations, R2Accumulator, predict, split_mask
@@ -171,9 +171,7 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m saeflow.dark_matter.encoder_pursuit",
-                                description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.stage_parser("saeflow.dark_matter.encoder_pursuit", __doc__)
     p.add_argument("--sae", required=True, help="SAE folder in the SAELens layout")
     p.add_argument("--acts", required=True, help="activations file at the SAE's site (.h5)")
     p.add_argument("--sae-eval", required=True, help="SAE evaluation file on those activations")
@@ -186,7 +184,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="seed of the split and of the subset")
     p.add_argument("--chunk-tokens", type=int, default=256, help="tokens per pursuit batch")
     p.add_argument("--read-chunk-tokens", type=int, default=4096, help="rows per file read")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
+    cli.add_threads(p)
     args = p.parse_args(argv)
     if not 0.0 < args.test_fraction < 1.0:
         p.error(f"--test-fraction must be in (0, 1), got {args.test_fraction}")
@@ -196,10 +194,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    run(args)
+    cli.run_command(parse_args(argv), run)
 
 
 if __name__ == "__main__":

@@ -36,12 +36,11 @@ from __future__ import annotations
 import argparse
 from collections.abc import Iterator, Sequence
 
-import h5py
 import numpy as np
 import torch
 from torch import Tensor
 
-from saeflow import h5io
+from saeflow import cli, h5io
 from saeflow.dark_matter.regression import (
     F64,
     LinearFit,
@@ -53,7 +52,7 @@ from saeflow.dark_matter.regression import (
 )
 
 
-def open_inputs(acts_path: str, eval_path: str) -> tuple[h5py.File, h5py.File]:
+def open_inputs(acts_path: str, eval_path: str) -> tuple[h5io.H5File, h5io.H5File]:
     """Open and check the activations and evaluation files (same rows, same width)."""
     acts = h5io.open_checked(acts_path, datasets={"acts": (None, None), "tokens": (None,)})
     n, d = acts["acts"].shape
@@ -65,7 +64,7 @@ def open_inputs(acts_path: str, eval_path: str) -> tuple[h5py.File, h5py.File]:
     return acts, sae_eval
 
 
-def iter_chunks(acts: h5py.File, sae_eval: h5py.File,
+def iter_chunks(acts: h5io.H5File, sae_eval: h5io.H5File,
                 chunk: int) -> Iterator[tuple[slice, Tensor, Tensor]]:
     """(rows, x [m, d], SaeError = x - Sae(x) = -error [m, d]) per chunk, float32.
 
@@ -88,7 +87,7 @@ def targets(sae_error: Tensor) -> Tensor:
     return torch.cat([err, err.square().sum(1, keepdim=True)], dim=1)
 
 
-def fit_error_regression(acts: h5py.File, sae_eval: h5py.File, is_test: Tensor,
+def fit_error_regression(acts: h5io.H5File, sae_eval: h5io.H5File, is_test: Tensor,
                          chunk: int) -> NormalEquations:
     """Accumulate the normal equations of [SaeError, ‖SaeError‖²] on x over the train rows."""
     d = acts["acts"].shape[1]
@@ -139,12 +138,12 @@ class _Scores:
         }
 
 
-def write_split(acts: h5py.File, sae_eval: h5py.File, fit: LinearFit, is_test: Tensor,
+def write_split(acts: h5io.H5File, sae_eval: h5io.H5File, fit: LinearFit, is_test: Tensor,
                 chunk: int, out: str, attrs: dict) -> dict:
     """Second pass: write linear / nonlinear components to ``out``; return test-row metrics."""
     n, d = acts["acts"].shape
     scores = _Scores(d)
-    with h5io.atomic_path(out) as tmp, h5py.File(tmp, "w") as h5:
+    with h5io.atomic_path(out) as tmp, h5io.H5File(tmp, "w") as h5:
         for name in ("linear", "nonlinear"):
             h5.create_dataset(name, (n, d), "float32", chunks=(max(1, min(chunk, n)), d))
         h5["is_test"] = is_test.numpy()
@@ -163,7 +162,7 @@ def write_split(acts: h5py.File, sae_eval: h5py.File, fit: LinearFit, is_test: T
 def write_fit(path: str, fit: LinearFit, attrs: dict) -> None:
     """The vector and norm regressions, float64, with provenance attributes."""
     vector, norm = split_fit(fit)
-    with h5io.atomic_path(path) as tmp, h5py.File(tmp, "w") as h5:
+    with h5io.atomic_path(path) as tmp, h5io.H5File(tmp, "w") as h5:
         h5["weight"], h5["bias"] = vector.weight.numpy(), vector.bias.numpy()
         h5["norm_weight"] = norm.weight[:, 0].numpy()
         h5["norm_bias"] = float(norm.bias[0])
@@ -199,9 +198,7 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m saeflow.dark_matter.error_split",
-                                description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.stage_parser("saeflow.dark_matter.error_split", __doc__)
     p.add_argument("--acts", required=True, help="activations file at the SAE's site (.h5)")
     p.add_argument("--sae-eval", required=True, help="SAE evaluation file on those activations")
     p.add_argument("--out", required=True, help="per-token linear / nonlinear components (.h5)")
@@ -215,7 +212,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="added to the diagonal of the centred Gram matrix (0: plain OLS)")
     p.add_argument("--no-intercept", action="store_true",
                    help="fit without a bias column, as the original code did")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
+    cli.add_threads(p)
     args = p.parse_args(argv)
     if not 0.0 < args.test_fraction < 1.0:
         p.error(f"--test-fraction must be in (0, 1), got {args.test_fraction}")
@@ -225,10 +222,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    run(args)
+    cli.run_command(parse_args(argv), run)
 
 
 if __name__ == "__main__":

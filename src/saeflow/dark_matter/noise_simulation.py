@@ -46,7 +46,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from saeflow import h5io
+from saeflow import cli, h5io
 from saeflow.dark_matter.regression import F64, NormalEquations, predict, split_mask
 from saeflow.saes import load_sae
 
@@ -103,7 +103,7 @@ def conditions(act_noise: float, rec_noise: float, grid: Sequence[float]) -> pd.
     figure = [(0.0, 0.0), (act_noise, 0.0), (0.0, rec_noise), (act_noise, rec_noise)]
     rows = [("figure15", a, r) for a, r in dict.fromkeys(figure)]
     rows += [("table1", float(a), float(r)) for a in grid for r in grid]
-    return pd.DataFrame(rows, columns=["kind", "act_noise", "rec_noise"])
+    return pd.DataFrame(rows, columns=pd.Index(["kind", "act_noise", "rec_noise"]))
 
 
 def run_grid(x_true: Tensor, decode: Decode, latents: Tensor, order: Tensor,
@@ -114,10 +114,10 @@ def run_grid(x_true: Tensor, decode: Decode, latents: Tensor, order: Tensor,
     for percent in percents:
         with torch.inference_mode():
             recon = decode(ablated(latents, order, percent))
-        for cond in todo.itertuples(index=False):
-            result = simulate(x_true, recon, eps_act, eps_rec, cond.act_noise, cond.rec_noise,
-                              is_test)
-            rows.append({**cond._asdict(), "ablate_percent": float(percent),
+        for cond in todo.to_dict("records"):
+            result = simulate(x_true, recon, eps_act, eps_rec, cond["act_noise"],
+                              cond["rec_noise"], is_test)
+            rows.append({**cond, "ablate_percent": float(percent),
                          **result._asdict(),
                          "linear_error": result.fvu_recon - result.fvu_recon_linear,
                          "nonlinear_error": result.fvu_recon_linear})
@@ -129,7 +129,7 @@ def correlation_table(runs: pd.DataFrame) -> pd.DataFrame:
     grid = runs[runs.kind == "table1"]
     rows = []
     for noise, label in [("act_noise", "activation noise"), ("rec_noise", "reconstruction noise")]:
-        row = {"noise": label}
+        row: dict[str, str | float] = {"noise": label}
         for part in ("linear_error", "nonlinear_error"):
             per_p = [np.corrcoef(g[noise], g[part])[0, 1] for _, g in grid.groupby("ablate_percent")]
             row[part] = float(np.mean(per_p))
@@ -183,9 +183,7 @@ def tables(args: argparse.Namespace) -> None:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m saeflow.dark_matter.noise_simulation",
-                                description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.stage_parser("saeflow.dark_matter.noise_simulation", __doc__)
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="simulate every condition for one SAE")
     r.add_argument("--sae", required=True, help="SAE folder in the SAELens layout")
@@ -202,7 +200,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="noise std at sigma 1, as a fraction of x_true's per-coordinate std")
     r.add_argument("--test-fraction", type=float, default=0.5)
     r.add_argument("--seed", type=int, default=0)
-    r.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
+    cli.add_threads(r)
     t = sub.add_parser("tables", help="tables/figure15.csv and tables/table1.csv from the runs")
     t.add_argument("--runs", required=True)
     t.add_argument("--figure15", required=True)
@@ -219,13 +217,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    args = parse_args(argv)
-    if getattr(args, "threads", 0):
-        torch.set_num_threads(args.threads)
-    if args.command == "run":
-        run(args)
-    else:
-        tables(args)
+    cli.run_command(parse_args(argv), {"run": run, "tables": tables})
 
 
 if __name__ == "__main__":

@@ -31,12 +31,11 @@ from __future__ import annotations
 import argparse
 from collections.abc import Iterator, Sequence
 
-import h5py
 import numpy as np
 import torch
 from torch import Tensor
 
-from saeflow import h5io
+from saeflow import cli, h5io
 from saeflow.dark_matter.norm_prediction import gather, sae_meta, streamed_fit
 from saeflow.dark_matter.per_token import held_out_r2
 from saeflow.dark_matter.regression import F64, R2Accumulator, split_mask
@@ -69,7 +68,7 @@ def token_mean_r2(tokens: Tensor, y: Tensor, fit: Tensor) -> float:
     return score.result().pooled
 
 
-def loss_per_row(lm_loss: h5py.File, acts: h5py.File, path: str) -> np.ndarray:
+def loss_per_row(lm_loss: h5io.H5File, acts: h5io.H5File, path: str) -> np.ndarray:
     """The next-token loss at each activation row (NaN at a sequence's last position).
 
     Rows are positions ``skip_positions .. ctx_len-1`` of each sequence, sequence-major; the loss
@@ -121,9 +120,7 @@ def fit_baselines(acts_path: str, eval_path: str, loss_path: str, test_fraction:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m saeflow.dark_matter.norm_baselines",
-                                description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.stage_parser("saeflow.dark_matter.norm_baselines", __doc__)
     sub = p.add_subparsers(dest="command", required=True)
     f = sub.add_parser("fit", help="one SAE's held-out R² per predictor")
     f.add_argument("--acts", required=True, help="activations at the SAE's site (.h5)")

@@ -38,7 +38,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from saeflow import h5io
+from saeflow import cli, h5io
 from saeflow.dark_matter.regression import (
     F64,
     LinearFit,
@@ -163,9 +163,7 @@ def sae_meta(eval_path: str, sae_id: str, site: str, k: int | None) -> dict:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m saeflow.dark_matter.norm_prediction",
-                                description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.stage_parser("saeflow.dark_matter.norm_prediction", __doc__)
     sub = p.add_subparsers(dest="command", required=True)
     f = sub.add_parser("fit", help="one SAE's held-out norm-prediction R²")
     f.add_argument("--acts", required=True, help="activations at the SAE's site (.h5)")

@@ -41,7 +41,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from saeflow import h5io
+from saeflow import cli, h5io
 from saeflow.dark_matter.regression import F64, NormalEquations, R2Accumulator, predict, split_mask
 
 
@@ -194,8 +194,7 @@ def run(args: argparse.Namespace) -> None:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m saeflow.dark_matter.per_token", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.stage_parser("saeflow.dark_matter.per_token", __doc__)
     p.add_argument("--sae-ids", nargs="+", required=True, help="SAEs of one k, any order")
     p.add_argument("--sae-eval", nargs="+", required=True, help="their evaluation files (.h5)")
     p.add_argument("--split", nargs="+", required=True, help="their error-split files (.h5)")

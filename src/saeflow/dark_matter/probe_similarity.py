@@ -32,10 +32,9 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 import pandas as pd
-import torch
 from torch import Tensor
 
-from saeflow import h5io
+from saeflow import cli, h5io
 from saeflow.dark_matter.encoder_pursuit import decoder
 from saeflow.dark_matter.error_split import iter_chunks, open_inputs
 from saeflow.dark_matter.norm_prediction import streamed_fit
@@ -121,9 +120,7 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m saeflow.dark_matter.probe_similarity",
-                                description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.stage_parser("saeflow.dark_matter.probe_similarity", __doc__)
     p.add_argument("--sae", required=True, help="SAE folder (SAELens layout)")
     p.add_argument("--acts", required=True, help="activations at the SAE's site (.h5)")
     p.add_argument("--sae-eval", required=True, help="the SAE's evaluation file (.h5)")
@@ -136,7 +133,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--intercept", action=argparse.BooleanOptionalAction, default=False,
                    help="fit ‖z‖² ≈ z·a* + b instead of through the origin")
     p.add_argument("--chunk-tokens", type=int, default=4096, help="rows read at once")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
+    cli.add_threads(p)
     args = p.parse_args(argv)
     if not 0 < args.test_fraction < 1 or args.smooth < 1 or args.chunk_tokens < 1:
         p.error("--test-fraction must be in (0, 1), --smooth and --chunk-tokens >= 1")
@@ -144,10 +141,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    run(args)
+    cli.run_command(parse_args(argv), run)
 
 
 if __name__ == "__main__":

@@ -99,7 +99,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from saeflow import h5io
+from saeflow import cli, h5io
 from saeflow.dark_matter.power_law import fit_power_law, power_law
 
 FIT_QUANTITIES = ("fvu", "fvu_nonlinear", "fvu_pursuit")
@@ -226,8 +226,11 @@ def closest_l0(saes: pd.DataFrame, target: float) -> pd.DataFrame:
 
 
 def sparsity_groups(saes: pd.DataFrame, l0_targets: Sequence[float]
-                    ) -> list[tuple[float, str, pd.DataFrame]]:
+                    ) -> list[tuple[Any, str, pd.DataFrame]]:
     """(key, grouping, SAEs sorted by width): one per k, or one per target L0 without a k.
+
+    The key is the k as the table stores it (a numpy integer for a TopK family, so that tables
+    keep writing it as an integer) or the target L0 as a float.
 
     A TopK family's grid is swept along each k; a family without a shared k (Gemma Scope) has
     no such rows, so each target L0 takes the SAE closest to it at each width, as the paper's
@@ -334,7 +337,7 @@ def figure1_table(saes: pd.DataFrame, fits: pd.DataFrame, headline_l0: float,
     bands = table[["absent_features", "linear_error", "encoder_error", "nonlinear_error"]]
     negative = [name for name in bands if (bands[name] < 0).any()]
     table["note"] = f"negative band(s): {', '.join(negative)}" if negative else ""
-    return table[[c for c in table if c not in ("l0", "grouping")] + ["l0", "grouping"]]
+    return table.loc[:, [c for c in table if c not in ("l0", "grouping")] + ["l0", "grouping"]]
 
 
 def figure2_table(saes: pd.DataFrame, fits: pd.DataFrame, points: int) -> pd.DataFrame:
@@ -344,7 +347,7 @@ def figure2_table(saes: pd.DataFrame, fits: pd.DataFrame, points: int) -> pd.Dat
     parts = []
     for quantity in ("fvu", "fvu_nonlinear"):
         for _, grouping, group in groups:
-            part = group[["sae_id", "k", "width", "l0", quantity]]
+            part = group.loc[:, ["sae_id", "k", "width", "l0", quantity]]
             parts.append(part.rename(columns={quantity: "value"}).assign(
                 quantity=quantity, kind="measured", grouping=grouping))
     for k, grouping, group in groups:
@@ -366,7 +369,7 @@ def figure5_table(saes: pd.DataFrame, l0_targets: Sequence[float] = ()) -> pd.Da
     sum to FVU)."""
     groups = sparsity_groups(saes, l0_targets)
     table = pd.concat([group.assign(grouping=grouping) for _, grouping, group in groups])
-    table = table[["sae_id", "k", "width", "mean_l0", "fvu_test", "fvu_nonlinear",
+    table = table.loc[:, ["sae_id", "k", "width", "mean_l0", "fvu_test", "fvu_nonlinear",
                    "fvu_nonlinear_pursuit", "fvu_pursuit", "fvu_sae_pursuit_rows",
                    "pursuit_rows", "l0", "grouping"]].sort_values(["k", "width"])
     table = table.reset_index(drop=True)
@@ -375,14 +378,14 @@ def figure5_table(saes: pd.DataFrame, l0_targets: Sequence[float] = ()) -> pd.Da
     table["nonlinear_error"] = table.fvu_nonlinear_pursuit
     bands = table[["linear_error", "encoder_error", "nonlinear_error"]]
     table["note"] = np.where((bands < 0).any(axis=1), "negative band", "")
-    return table[[c for c in table if c not in ("l0", "grouping")] + ["l0", "grouping"]]
+    return table.loc[:, [c for c in table if c not in ("l0", "grouping")] + ["l0", "grouping"]]
 
 
 def grid_table(saes: pd.DataFrame, columns: Sequence[str]) -> pd.DataFrame:
     """One row per SAE of the width × k (or nominal L0) grid with the given value columns
     (Figures 3, 4); ``k`` is the SAE's ``l0``, which is its k in a TopK family."""
     saes = _with_l0(saes).assign(k=lambda t: t.l0)
-    return saes[["sae_id", "width", "k", "mean_l0", *columns]].sort_values(["k", "width"])
+    return saes.loc[:, ["sae_id", "width", "k", "mean_l0", *columns]].sort_values(["k", "width"])
 
 
 def figure_table(n: int, saes: pd.DataFrame, fits: pd.DataFrame, headline_l0: float,
@@ -409,9 +412,7 @@ def write_csv(table: pd.DataFrame, path: str) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m saeflow.dark_matter.scaling",
-                                     description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.stage_parser("saeflow.dark_matter.scaling", __doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     c = sub.add_parser("collect", help="per-SAE table and power-law fits of one family")
     for flag, text in [("--sae-ids", "SAE ids"), ("--sae-cfg", "their cfg.json files"),

@@ -26,7 +26,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import ConnectionPatch, Rectangle
 from matplotlib.ticker import NullFormatter
 
-from saeflow import h5io
+from saeflow import cli, h5io
 from saeflow.figures.pdf import read_table, save_pdf
 
 BAND_COLORS = [matplotlib.colormaps["viridis"](i / 7) for i in (7, 5, 3, 1)]
@@ -107,7 +107,7 @@ def draw_figure2(fig: Figure, table: pd.DataFrame, opts: PlotOptions) -> None:
             ax.plot(measured.width, measured.value, marker, color=color, ms=4,
                     mfc=color if quantity == "fvu" else "none", label=f"{name}, k = {k}")
         for kind, style in [("fit", "-"), ("mean", "--")]:
-            line = rows[rows.kind == kind].sort_values("width")
+            line = rows.loc[rows.kind == kind].sort_values("width")
             ax.plot(line.width, line.value, style, color=color, lw=1)
     _axes(ax, opts, "SAE width", "FVU", table[table.kind == "measured"].width.to_numpy())
     ax.set_title("FVU (power-law fit, solid) and nonlinear FVU (mean, dashed)")
@@ -152,7 +152,7 @@ def draw_figure5(fig: Figure, table: pd.DataFrame, opts: PlotOptions) -> None:
     parts = [("nonlinear_error", "Nonlinear error"), ("encoder_error", "Encoder error"),
              ("linear_error", "Linear error")]
     for ax, k in zip(axes, ks):
-        rows = table[table.k == k].sort_values("width")
+        rows = table.loc[table.k == k].sort_values("width")
         pos = np.arange(len(rows))
         bottom = np.zeros(len(rows))
         for (column, label), color in zip(parts, BAND_COLORS[:3]):
@@ -210,7 +210,7 @@ def _window_lines(ax: Axes, table: pd.DataFrame, column: str, lw: float = 0.8) -
     widths = sorted(table.width.unique())
     colors = matplotlib.colormaps["inferno"](np.linspace(0.0, 0.8, len(widths)))
     for width, color in zip(widths, colors):
-        rows = table[table.width == width].sort_values("offset")
+        rows = table.loc[table.width == width].sort_values("offset")
         ax.plot(rows.offset, rows[column], color=color, lw=lw, label=f"{width:g}")
 
 
@@ -224,7 +224,7 @@ def draw_figure11(fig: Figure, table: pd.DataFrame, opts: PlotOptions) -> None:
     if not 0 <= lo < hi:
         raise ValueError(f"magnify_start {lo} is outside the window (offsets 0.."
                          f"{int(table.offset.max())})")
-    inside = table[(table.offset >= lo) & (table.offset <= hi)]
+    inside = table.loc[(table.offset >= lo) & (table.offset <= hi)]
     pad = 0.05 * float(inside.error_norm.max() - inside.error_norm.min() or 1.0)
     bottom, top = inside.error_norm.min() - pad, inside.error_norm.max() + pad
     zoom.set_xlim(lo, hi)
@@ -269,7 +269,9 @@ def draw_figure7(fig: Figure, table: pd.DataFrame, opts: PlotOptions) -> None:
     for pos, (target, color) in enumerate(zip(targets, colors), start=1):
         values = table.loc[table.target == target, "r2"].to_numpy(dtype=float)
         if np.ptp(values) > 0 and len(values) > 1:
-            body = ax.violinplot([values], [pos], showextrema=False)["bodies"][0]
+            # matplotlib types every value as a Collection; "bodies" is a list of them
+            violin = ax.violinplot([values], [pos], showextrema=False)
+            body = violin["bodies"][0]  # pyright: ignore[reportIndexIssue]
             body.set_facecolor(color)
             body.set_edgecolor("black")
             body.set_alpha(0.6)
@@ -370,8 +372,7 @@ def plot(figure: int | str, table_path: str, out: str, opts: PlotOptions) -> Pat
 
 
 def _parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, PlotOptions]:
-    p = argparse.ArgumentParser(prog="python -m saeflow.figures.dark_matter", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.stage_parser("saeflow.figures.dark_matter", __doc__)
     p.add_argument("--figure", required=True, choices=list(DRAW))
     p.add_argument("--table", required=True, help="the figure's table (.csv)")
     p.add_argument("--out", required=True, help="the figure (.pdf)")

@@ -29,7 +29,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import NullFormatter
 
-from saeflow import h5io
+from saeflow import cli, h5io
 from saeflow.figures.pdf import read_table, save_pdf
 
 
@@ -62,7 +62,7 @@ def draw_figure9(fig: Figure, table: pd.DataFrame, opts: PlotOptions) -> None:
                                     (axes[1], "k", "l0", "L0 (k)")]:
         rows = table[table.panel == panel]
         for setting, (label, color, marker) in SETTING_STYLE.items():
-            line = rows[rows.setting == setting].sort_values(xcol)
+            line = rows.loc[rows.setting == setting].sort_values(xcol)
             ax.plot(line[xcol], line.pct_recovered, marker=marker, color=color, ms=4, lw=1,
                     label=label)
         ax.axhline(0, color="0.4", lw=0.7)
@@ -88,7 +88,7 @@ def draw_figure15(fig: Figure, table: pd.DataFrame, opts: PlotOptions) -> None:
     conditions = table[["act_noise", "rec_noise"]].drop_duplicates().to_numpy()
     colors = matplotlib.colormaps["viridis"](np.linspace(0.0, 0.85, len(conditions)))
     for (act, rec), color in zip(conditions, colors):
-        rows = table[(table.act_noise == act) & (table.rec_noise == rec)].sort_values(
+        rows = table.loc[(table.act_noise == act) & (table.rec_noise == rec)].sort_values(
             "ablate_percent")
         name = f"act σ={act:g}, rec σ={rec:g}"
         ax.plot(rows.ablate_percent, rows.fvu_recon, "-o", color=color, ms=3, lw=1,
@@ -154,8 +154,7 @@ def plot(figure: str, table_path: str, out: str, opts: PlotOptions) -> Path:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m saeflow.figures.error_effects", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.stage_parser("saeflow.figures.error_effects", __doc__)
     p.add_argument("--figure", required=True, choices=sorted(DRAW))
     p.add_argument("--table", required=True, help="the figure's table (.csv)")
     p.add_argument("--out", required=True, help="the figure (.pdf)")
