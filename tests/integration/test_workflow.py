@@ -7,13 +7,13 @@ and SLURM tests, so CI builds the test config from scratch once.
 import json
 from pathlib import Path
 
-import h5py
 import pandas as pd
 import pytest
 import torch
 import yaml
 from sae_lens import SAE
 
+from saeflow import h5io
 from saeflow.config import sae_table
 from saeflow.results import load_acts, load_sae_info
 
@@ -43,7 +43,7 @@ def test_every_sae_beats_the_mean_and_helps_the_model(results):
     # Splicing a residual-stream SAE in must beat zero-ablating the residual stream. For an
     # attention or MLP output, zero-ablation removes one layer's small update and can cost less
     # than a 30k-token SAE's reconstruction (the test config's mlp2 SAE: CE score -1.2).
-    resid = table[table.site.str.endswith("hook_resid_post")]
+    resid = table.loc[table.site.str.endswith("hook_resid_post")]
     assert len(resid) >= 7
     assert (resid.ce_loss_score > 0).all()
     assert (resid.ce_sae < resid.ce_ablated).all()
@@ -68,7 +68,7 @@ def test_outputs_have_consistent_shapes(results):
             torch.testing.assert_close(torch.from_numpy(info.error[:50]), sae(x) - x)
             torch.testing.assert_close(info.latents(slice(0, 50)), sae.encode(x))
         assert torch.allclose(torch.from_numpy(info.act_norm[:50]), x.norm(dim=-1))
-    with h5py.File(results / "acts/smollm2/news_eval/lm_loss.h5") as loss:
+    with h5io.H5File(results / "acts/smollm2/news_eval/lm_loss.h5") as loss:
         assert loss["loss"].shape == (corpus["n_seq"], corpus["ctx_len"] - 1)
         assert 2.0 < loss["loss"][:].mean() < 6.0  # SmolLM2 on news text: ~3.5 nats
 
@@ -94,7 +94,7 @@ def test_dark_matter_tables_and_plots(results):
     assert ((saes.fvu_pursuit > 0) & (saes.fvu_pursuit < 1)).all()
     assert (saes.pursuit_rows == saes.n_tokens).all()  # pursuit_tokens covers the test corpus
     fits = pd.read_csv(results / "tables/dark_matter_power_laws.csv")
-    assert len(fits) == 3 * len(family["k"]) and fits[["a", "m", "c"]].notna().all().all()
+    assert len(fits) == 3 * len(family["k"]) and fits.loc[:, ["a", "m", "c"]].notna().all().all()
     fig1 = pd.read_csv(results / "tables/figure1.csv")
     assert set(fig1.k) == {16} and sorted(fig1[fig1.measured].width) == family["widths"]
     bands = ["absent_features", "linear_error", "encoder_error", "nonlinear_error"]

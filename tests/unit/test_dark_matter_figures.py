@@ -110,7 +110,7 @@ def test_loss_rows_follow_the_activation_layout(tmp_path):
         h5["tokens"] = tokens[:, skip:].reshape(-1)
         h5io.write_attrs(h5, {"ctx_len": ctx, "skip_positions": skip})
         h5io.mark_complete(h5)
-    with h5py.File(loss_path) as lm, h5py.File(acts_path) as acts:
+    with h5io.H5File(loss_path) as lm, h5io.H5File(acts_path) as acts:
         rows = norm_baselines.loss_per_row(lm, acts, str(loss_path))
     want = [1, 2, 3, np.nan, 1001, 1002, 1003, np.nan, 2001, 2002, 2003, np.nan]
     np.testing.assert_array_equal(rows, want)
@@ -303,7 +303,7 @@ def test_per_token_tables(tables, family):
     np.testing.assert_allclose(fig10a.improvement_percent[off], gain[off], rtol=1e-6)
     window = pd.read_csv(tables / "figure11.csv")
     assert len(window) == 30 * 3 and window.row.min() == 10 and window.row.max() == 39
-    with h5py.File(family["eval"][0]) as ev:  # ‖err‖ is the L2 norm, not its square
+    with h5io.H5File(family["eval"][0]) as ev:  # ‖err‖ is the L2 norm, not its square
         want = np.sqrt(ev["error_sq_norm"][10:40])
     np.testing.assert_allclose(window[window.width == WIDTHS[0]].error_norm, want, rtol=1e-6)
 
@@ -314,7 +314,7 @@ def test_baselines_match_a_float64_reference(tables, family):
     has_loss = np.tile(np.arange(SKIP, CTX) < CTX - 1, N_SEQ)
     fit = ~split_mask(N, 0.5, 0).numpy()
     for sae_id, ev in zip(family["ids"], family["eval"]):
-        with h5py.File(ev) as h5:
+        with h5io.H5File(ev) as h5:
             y = h5["error_sq_norm"][:].astype(np.float64)[has_loss, None]
             for name in ("act_norm", "l0"):
                 x = h5[name][:].astype(np.float64)[has_loss, None]

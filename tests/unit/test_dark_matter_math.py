@@ -300,7 +300,7 @@ def test_purely_linear_error_is_all_linear(tmp_path):
     x = _toy_acts()
     a, b = torch.randn(D, D) * 0.3, torch.randn(D)
     out = _run_stage(tmp_path, *_write_pair(tmp_path, x, x @ a + b))
-    with h5py.File(out["split"]) as h5, h5py.File(out["fit"]) as fit_h5:
+    with h5io.H5File(out["split"]) as h5, h5io.H5File(out["fit"]) as fit_h5:
         scale = float((x @ a + b).abs().max())
         assert np.abs(h5["nonlinear"][:]).max() < 1e-5 * scale
         np.testing.assert_allclose(fit_h5["weight"][:], a.numpy(), atol=1e-4)
@@ -317,8 +317,8 @@ def test_linear_plus_nonlinear_is_the_error_and_metrics_match_direct_computation
     sae_error = 0.4 * x @ torch.randn(D, D) * 0.1 + torch.tanh(x) + 0.3 * torch.randn(N, D)
     acts, sae_eval = _write_pair(tmp_path, x, sae_error)
     out = _run_stage(tmp_path, acts, sae_eval, "--test-fraction", "0.4", "--seed", "3")
-    sae_error = torch.from_numpy(-h5py.File(sae_eval)["error"][:])  # as stored, float32
-    with h5py.File(out["split"]) as h5, h5py.File(out["fit"]) as fit_h5:
+    sae_error = torch.from_numpy(-h5io.H5File(sae_eval)["error"][:])  # as stored, float32
+    with h5io.H5File(out["split"]) as h5, h5io.H5File(out["fit"]) as fit_h5:
         linear, nonlinear = torch.from_numpy(h5["linear"][:]), torch.from_numpy(h5["nonlinear"][:])
         is_test = torch.from_numpy(h5["is_test"][:])
         weight, bias = torch.from_numpy(fit_h5["weight"][:]), torch.from_numpy(fit_h5["bias"][:])

@@ -192,7 +192,7 @@ def test_figure1_bands_match_their_definitions_and_add_up_to_the_fvu(tmp_path):
     fig1 = _figure_table(tmp_path, saes, fits, 1, "--headline-l0", "20", "--extrapolate", "4")
     a, m, c = TRUTH[16]
     assert set(fig1.k) == {16}  # 16 is the k closest to 20
-    measured = fig1[fig1.measured].sort_values("width")
+    measured = fig1.loc[fig1.measured].sort_values("width")
     assert measured.width.tolist() == WIDTHS
     widths = measured.width.to_numpy()
     mean_nl = np.mean([_nonlinear(w, 16) for w in WIDTHS])

@@ -127,7 +127,7 @@ def test_figure9_table_panels():
     k_panel = table[table.panel == "k"]
     assert set(k_panel.width) == {64} and sorted(set(k_panel.l0)) == [8, 16, 32]
     assert len(table) == 2 * (3 + 3)  # two settings per SAE per panel
-    nl = width_panel[width_panel.setting == "sae_nonlinear"].sort_values("width")
+    nl = width_panel.loc[width_panel.setting == "sae_nonlinear"].sort_values("width")
     assert list(nl.pct_recovered) == [56.4, 62.8, 75.6]
     with pytest.raises(ValueError, match="--k-width 100"):
         dce.figure9_table(_records(), 20, k_width=100)

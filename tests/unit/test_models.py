@@ -109,7 +109,9 @@ def test_layers_path_and_dims(arch: str) -> None:
     assert len(decoder_layers(model)) == N_LAYERS
     assert model_dims(model) == model_dims(model.config) == (N_LAYERS, D_MODEL)
     # the base model (no LM head) resolves to the same modules
-    assert decoder_layers(model.base_model) is decoder_layers(model)
+    base = model.base_model
+    assert isinstance(base, PreTrainedModel)
+    assert decoder_layers(base) is decoder_layers(model)
 
 
 def test_describe_local_folder(tmp_path: Path) -> None:
@@ -168,7 +170,10 @@ def test_packaged_model_generates_paris(packaged_model_dir: Path) -> None:
     assert next(model.parameters()).dtype == torch.float32
     prompt = tokenizer("The capital of France is", return_tensors="pt")
     with torch.no_grad():
-        out = model.generate(**prompt, max_new_tokens=4, do_sample=False)
+        # load_model's type is PreTrainedModel; the causal-LM class it loads adds generate()
+        out = model.generate(  # pyright: ignore[reportCallIssue]
+            **prompt, max_new_tokens=4, do_sample=False
+        )
     continuation = tokenizer.decode(out[0, prompt["input_ids"].shape[1] :])
     assert "Paris" in continuation
     assert layers_module_path(model) == "model.layers"

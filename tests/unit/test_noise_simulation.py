@@ -83,7 +83,7 @@ def test_table1_correlations_have_the_mechanisms_signs(sae):
                        eps_a, eps_r, split_mask(N, 0.5, 0))
     assert len(runs) == 2 * 20
     fig = runs[runs.kind == "figure15"]
-    clean = fig[(fig.act_noise == 0) & (fig.rec_noise == 0)].set_index("ablate_percent")
+    clean = fig.loc[(fig.act_noise == 0) & (fig.rec_noise == 0)].set_index("ablate_percent")
     assert clean.fvu_recon[0.0] == 0 and clean.fvu_recon[30.0] > 0.01  # absent features
     table = ns.correlation_table(runs).set_index("noise")
     assert table.loc["activation noise", "linear_error"] > 0.8

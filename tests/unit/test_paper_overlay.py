@@ -165,7 +165,7 @@ def test_jobs_that_load_gemma_2_9b_ask_for_its_memory(tmp_path):
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     blocks = re.split(r"\n(?=(?:local)?rule )", run.stdout)
     memory = {
-        block.split(":", 1)[0].split()[-1]: re.search(r"mem_mb=(\d+)", block)[1]
+        block.split(":", 1)[0].split()[-1]: re.findall(r"mem_mb=(\d+)", block)[0]
         for block in blocks
         if block.startswith(("rule ", "localrule ")) and "mem_mb=" in block
     }

@@ -123,7 +123,7 @@ def test_power_law_is_fitted_over_the_picks_of_each_target(tmp_path):
 def test_figure_tables_follow_the_l0_groups(tmp_path):
     saes, fits = _collect(tmp_path, _write_family(tmp_path), targets=("60", "12"))
     fig1 = _figure(tmp_path, saes, fits, 1, "--headline-l0", "60", "--extrapolate", "2")
-    measured = fig1[fig1.measured].sort_values("width")
+    measured = fig1.loc[fig1.measured].sort_values("width")
     assert set(fig1.k) == {60} and set(fig1.grouping) == {"closest_l0"}
     assert dict(zip(measured.width, measured.l0)) == PICKS_60
     assert list(measured.sae_id) == [f"gs-w{w}-l0-{v}" for w, v in PICKS_60.items()]
@@ -135,7 +135,8 @@ def test_figure_tables_follow_the_l0_groups(tmp_path):
     fig2 = _figure(tmp_path, saes, fits, 2)
     fvu = fig2[(fig2.kind == "measured") & (fig2.quantity == "fvu")]
     assert len(fvu) == 2 * len(GRID)  # one SAE per width in each of the two groups
-    assert dict(zip(fvu[fvu.k == 12].width, fvu[fvu.k == 12].l0)) == PICKS_12
+    k12 = fvu.loc[fvu.k == 12]
+    assert dict(zip(k12.width, k12.l0)) == PICKS_12
     assert set(fig2[fig2.kind == "fit"].k) == {12, 60}
 
     fig5 = _figure(tmp_path, saes, fits, 5)
