@@ -134,6 +134,25 @@ def test_perfect_judge_gives_perfect_scores_and_warm_rerun_is_free(tmp_path, exa
     assert (tmp_path / "r.jsonl").read_bytes() == first
 
 
+def test_logprob_method_against_a_server_scores_one_prompt_per_example(tmp_path, examples_file,
+                                                                       tokenizer_dir):
+    with ChatServer(answer=oracle_answer) as server:
+        summary = score.run(cli(tmp_path, examples_file, tokenizer_dir, server.base_url,
+                                "--method", "logprob"))
+        # per latent: 1 explanation + one prompt per item for each of the two scorers; identical
+        # windows (the fixture repeats some) ask once and hit the cache after
+        assert summary["calls"] == len(WORDS) * (1 + 2 * N_ITEMS)
+        assert server.requests == summary["requests"]
+        assert summary["requests"] + summary["cache_hits"] == summary["calls"]
+    records, _ = read_results(tmp_path)
+    for r in records:
+        for name in ("detection", "fuzzing"):
+            assert r[name]["prediction"] == r[name]["label"]
+            assert all((m > 0) == bool(y) for m, y in zip(r[name]["margin"], r[name]["label"]))
+    assert summary["detection"]["balanced_accuracy"] == 1.0
+    assert summary["settings"]["method"] == "logprob"
+
+
 def test_faults_are_retried_and_garbage_answers_counted(tmp_path, examples_file, tokenizer_dir):
     seen_detection = []
 

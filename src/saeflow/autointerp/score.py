@@ -165,9 +165,25 @@ def scorer_params(n: int) -> dict[str, Any]:
     return {"max_tokens": max(25, 4 * n + 10), "temperature": 0.0}
 
 
-async def run_scorer(client: ChatClient, name: str, explanation: str, items: list[TestItem],
-                     ex: Examples, row: int, per_prompt: int, renderer: Renderer) -> dict:
-    """Ask one scorer about every item in batches; return its record part."""
+async def run_scorer_logprob(client: Any, name: str, explanation: str, items: list[TestItem],
+                             ex: Examples, row: int, renderer: Renderer) -> dict:
+    """One yes/no prompt per item; predicted 1 when log P(yes) - log P(no) > 0."""
+    fuzzing = name == "fuzzing"
+    msgs = [prompts.yes_no_messages(
+        explanation, renderer.text(ex.tokens[row, it.slot], it.marks if fuzzing else None),
+        fuzzing) for it in items]
+    margins = await client.yes_no_many(msgs)
+    predictions = [None if m is None else int(m > 0) for m in margins]
+    record = scorer_record(items, predictions, len(items), 0, sum(m is None for m in margins))
+    return record | {"margin": margins}
+
+
+async def run_scorer(client: Any, name: str, explanation: str, items: list[TestItem],
+                     ex: Examples, row: int, per_prompt: int, renderer: Renderer,
+                     method: str = "list") -> dict:
+    """Ask one scorer about every item (in list batches, or one logprob prompt each)."""
+    if method == "logprob":
+        return await run_scorer_logprob(client, name, explanation, items, ex, row, renderer)
     build = prompts.detection_messages if name == "detection" else prompts.fuzzing_messages
     batches = [items[i:i + per_prompt] for i in range(0, len(items), per_prompt)]
 
@@ -203,7 +219,7 @@ def empty_scorer() -> dict:
     return scorer_record([], [], 0, 0, 0)
 
 
-async def score_latent(client: ChatClient, ex: Examples, row: int, args: argparse.Namespace,
+async def score_latent(client: Any, ex: Examples, row: int, args: argparse.Namespace,
                        renderer: Renderer) -> dict:
     """Explain latent ``row``, then run both scorers on its test examples concurrently."""
     latent = int(ex.latents[row])
@@ -215,12 +231,12 @@ async def score_latent(client: ChatClient, ex: Examples, row: int, args: argpars
         return record | {name: empty_scorer() for name in SCORERS}
     items = test_items(ex, row, random.Random(f"{args.seed}:{latent}"))
     parts = await asyncio.gather(*(run_scorer(client, name, explanation, items, ex, row,
-                                              args.examples_per_prompt, renderer)
+                                              args.examples_per_prompt, renderer, args.method)
                                    for name in SCORERS))
     return record | dict(zip(SCORERS, parts))
 
 
-async def score_all(client: ChatClient, ex: Examples, args: argparse.Namespace,
+async def score_all(client: Any, ex: Examples, args: argparse.Namespace,
                     renderer: Renderer) -> list[dict]:
     """Every latent, concurrently (the client bounds requests in flight), in file order."""
     tasks = [asyncio.ensure_future(score_latent(client, ex, row, args, renderer))
@@ -236,7 +252,7 @@ async def score_all(client: ChatClient, ex: Examples, args: argparse.Namespace,
     return [task.result() for task in tasks]
 
 
-def summarize(records: list[dict], client: ChatClient, ex: Examples,
+def summarize(records: list[dict], client: Any, ex: Examples,
               args: argparse.Namespace) -> dict:
     """Run-level numbers and the pooled Figure 8 rows per scorer."""
     out: dict[str, Any] = {
@@ -255,9 +271,12 @@ def summarize(records: list[dict], client: ChatClient, ex: Examples,
         prompts_n = sum(p["prompts"] for p in parts)
         answered = prompts_n - sum(p["failed"] for p in parts)
         unparseable = sum(p["unparseable"] for p in parts)
+        labels = [y for p in parts for y in p["label"]]
+        preds = [y for p in parts for y in p["prediction"]]
+        bal = scoring.balanced_accuracy(labels, preds)
         out[name] = {"prompts": prompts_n, "answered": answered, "unparseable": unparseable,
                      "unparseable_rate": unparseable / answered if answered else None,
-                     "rows": scoring.figure_rows(pooled)}
+                     "balanced_accuracy": bal, "rows": scoring.figure_rows(pooled)}
     return out
 
 
@@ -268,7 +287,7 @@ def client_calls(records: list[dict]) -> int:
 
 def settings(args: argparse.Namespace) -> dict:
     """The knobs that shape the results (never the key, only its variable's name)."""
-    keys = ("server", "base_url", "model", "api_key_env", "concurrency", "timeout",
+    keys = ("method", "server", "base_url", "model", "api_key_env", "concurrency", "timeout",
             "max_retries", "n_explain", "examples_per_prompt", "seed",
             "server_continuous_batching")
     return {k: getattr(args, k) for k in keys}
@@ -296,6 +315,20 @@ async def score_with(base_url: str, model: str, ex: Examples,
         cache.close()
 
 
+async def score_in_process(ex: Examples, args: argparse.Namespace) -> tuple[list[dict], dict]:
+    """Score with the model loaded here (``--server local --method logprob``)."""
+    from saeflow.autointerp.judge import LocalJudge
+
+    args.base_url, args.model = None, args.model_dir
+    cache = AnswerCache(args.cache)
+    try:
+        judge = LocalJudge(args.model_dir, cache, threads=args.server_threads)
+        records = await score_all(judge, ex, args, Renderer(load_tokenizer(args.tokenizer)))
+        return records, summarize(records, judge, ex, args)
+    finally:
+        cache.close()
+
+
 def load_tokenizer(path: str) -> Any:
     from saeflow.models import load_tokenizer as load
 
@@ -317,7 +350,10 @@ def run(args: argparse.Namespace) -> dict:
     from saeflow.autointerp.server import local_server
 
     ex = read_examples(args.examples)
-    if args.server == "local":
+    if args.server == "local" and args.method == "logprob":
+        # transformers serve returns no logprobs (measured, 5.24): judge in this process
+        records, summary = asyncio.run(score_in_process(ex, args))
+    elif args.server == "local":
         log = args.server_log or f"{args.summary}.server.log"
         with local_server(args.model_dir, log, threads=args.server_threads,
                           continuous_batching=args.server_continuous_batching) as srv:
@@ -342,6 +378,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--server", choices=["local", "remote"], default="remote",
                    help="local: start transformers serve on --model-dir; remote: use --base-url")
     p.add_argument("--model-dir", help="model folder for --server local")
+    p.add_argument("--method", choices=["list", "logprob"], default="list",
+                   help="list: batches answered as [1, 0, ...]; logprob: one yes/no prompt per "
+                        "example, P(yes) vs P(no) (local: in this process; remote: needs a "
+                        "server that returns logprobs)")
     p.add_argument("--server-log", help="log of the local server (default: SUMMARY.server.log)")
     p.add_argument("--server-threads", type=int, default=None, help="CPU threads of the server")
     p.add_argument("--server-continuous-batching", action="store_true",
