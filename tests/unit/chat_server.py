@@ -18,9 +18,9 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Self
+from typing import Any, Self
 
 BEHAVIOURS = ("ok", "drop", "500", "503", "429", "400", "sleep", "garbage", "no_choices")
 
@@ -43,9 +43,13 @@ def oracle_answer(body: dict) -> str:
     if "[EXPLANATION]" in system:
         spans = Counter(re.findall(r"<<(.*?)>>", user))
         return f'[EXPLANATION]: the word "{spans.most_common(1)[0][0]}"'
-    word = re.search(r'Feature: the word "(.*)"', user).group(1)
+    found = re.search(r'Feature: the word "(.*)"', user)
+    assert found is not None, f"not a fixture explanation: {user[:80]!r}"
+    word = found.group(1)
     if "yes or no" in system:  # one example per prompt (method logprob)
-        example = re.search(r"^Example: (.*)$", user, flags=re.MULTILINE).group(1)
+        one = re.search(r"^Example: (.*)$", user, flags=re.MULTILINE)
+        assert one is not None, f"no example in {user[:80]!r}"
+        example = one.group(1)
         spans = re.findall(r"<<(.*?)>>", example)
         hit = (bool(spans) and all(s == word for s in spans)) if "marked" in system else \
             bool(re.search(rf"\b{re.escape(word)}\b", example))
@@ -63,7 +67,7 @@ class _QuietServer(ThreadingHTTPServer):
 
     daemon_threads = True
 
-    def handle_error(self, request: object, client_address: object) -> None:
+    def handle_error(self, request: Any, client_address: Any) -> None:
         if not isinstance(sys.exc_info()[1], ConnectionError):
             super().handle_error(request, client_address)
 
@@ -71,7 +75,7 @@ class _QuietServer(ThreadingHTTPServer):
 class ChatServer:
     """``with ChatServer(answer=..., script=[...]) as server:`` then use ``server.base_url``."""
 
-    def __init__(self, answer: Callable[[dict], str] = echo_answer, script: list[str] = (),
+    def __init__(self, answer: Callable[[dict], str] = echo_answer, script: Sequence[str] = (),
                  default: str = "ok", fail_after: int | None = None, sleep: float = 1.0,
                  delay: float = 0.0, logprobs: bool = True) -> None:
         self.answer, self.script, self.default = answer, list(script), default
@@ -103,7 +107,7 @@ class ChatServer:
         server = self
 
         class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args: object) -> None:
+            def log_message(self, format: str, *args: Any) -> None:
                 pass
 
             def do_POST(self) -> None:

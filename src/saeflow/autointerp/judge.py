@@ -156,7 +156,8 @@ class LocalJudge:
             batch = self.tokenizer(list(prompts[i:i + self.batch_size]), return_tensors="pt",
                                    padding=True, add_special_tokens=False)
             with torch.inference_mode():
-                logits = self.model(**batch).logits[:, -1].double()  # [B, V]
+                # only the last position's logits: Gemma 3's 262k-token head would dominate
+                logits = self.model(**batch, logits_to_keep=1).logits[:, -1].double()  # [B, V]
             logp = torch.log_softmax(logits, dim=-1)
             yes = torch.logsumexp(logp[:, self._ids[YES]], dim=-1)
             no = torch.logsumexp(logp[:, self._ids[NO]], dim=-1)
@@ -168,7 +169,7 @@ class LocalJudge:
 
         batch = self.tokenizer([prompt], return_tensors="pt", add_special_tokens=False)
         with torch.inference_mode():
-            ids = self.model.generate(**batch, max_new_tokens=max_tokens, do_sample=False,
+            ids = self.model.generate(**batch,  # type: ignore[attr-defined] max_new_tokens=max_tokens, do_sample=False,
                                       pad_token_id=self.tokenizer.pad_token_id)
         return str(self.tokenizer.decode(ids[0, batch["input_ids"].shape[1]:],
                                          skip_special_tokens=True))

@@ -51,6 +51,7 @@ from tqdm import tqdm
 from saeflow import h5io
 from saeflow.autointerp import prompts, scoring
 from saeflow.autointerp.client import AnswerCache, ChatClient, ClientConfig
+from saeflow.autointerp.h5data import dataset
 
 KIND_PAD, KIND_TOP, KIND_TEST, KIND_RANDOM = 0, 1, 2, 3
 EXPLAIN_PARAMS = {"max_tokens": 50, "temperature": 0.0}
@@ -75,13 +76,14 @@ def read_examples(path: str) -> Examples:
         for name in ("ctx_len", "sae_id"):
             if name not in h5.attrs:
                 raise h5io.InputFileError(f"{path}: attribute '{name}' missing")
-        (n_lat,), (_, n_slot) = h5["latents"].shape, h5["kind"].shape
+        (n_lat,), (_, n_slot) = dataset(h5, "latents").shape, dataset(h5, "kind").shape
         ctx = int(h5.attrs["ctx_len"])
     shapes = {"tokens": (n_lat, n_slot, ctx), "acts": (n_lat, n_slot, ctx),
               "kind": (n_lat, n_slot), "decile": (n_lat, n_slot)}
     with h5io.open_checked(path, datasets=shapes) as h5:
-        ex = Examples(h5["latents"][:].astype(np.int64), h5["tokens"][:], h5["acts"][:],
-                      h5["kind"][:].astype(np.int8), h5["decile"][:].astype(np.int8),
+        arr = {name: np.asarray(dataset(h5, name)[:]) for name in shapes | {"latents": 0}}
+        ex = Examples(arr["latents"].astype(np.int64), arr["tokens"], arr["acts"],
+                      arr["kind"].astype(np.int8), arr["decile"].astype(np.int8),
                       str(h5io.plain(h5.attrs["sae_id"])))
     _check_examples(path, ex)
     return ex
@@ -108,7 +110,7 @@ class Renderer:
         self.tokenizer = tokenizer
         self._pieces: dict[int, str] = {}
 
-    def pieces(self, ids: Sequence[int]) -> list[str]:
+    def pieces(self, ids: Sequence[int] | np.ndarray) -> list[str]:
         out = []
         for i in ids:
             i = int(i)
@@ -117,9 +119,11 @@ class Renderer:
             out.append(self._pieces[i])
         return out
 
-    def text(self, ids: Sequence[int], marked: Sequence[bool] | None = None) -> str:
+    def text(self, ids: Sequence[int] | np.ndarray,
+             marked: Sequence[bool] | np.ndarray | None = None) -> str:
         pieces = self.pieces(ids)
-        return prompts.mark_tokens(pieces, marked if marked is not None else [False] * len(ids))
+        flags = [bool(m) for m in marked] if marked is not None else [False] * len(ids)
+        return prompts.mark_tokens(pieces, flags)
 
 
 class TestItem(NamedTuple):

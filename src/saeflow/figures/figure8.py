@@ -89,7 +89,7 @@ def figure_table(results: dict[str, list[dict]]) -> pd.DataFrame:
             for row in scoring.figure_rows(pooled(records, scorer)):
                 rows.append({"dictionary": dictionary, "scorer": scorer, **row,
                              "latents": latents})
-    return pd.DataFrame(rows)[COLUMNS]
+    return pd.DataFrame(rows, columns=COLUMNS)
 
 
 def balanced_accuracy(part: pd.DataFrame) -> float:
@@ -124,7 +124,7 @@ def draw(fig: Figure, table: pd.DataFrame, opts: PlotOptions) -> None:
     pos = np.arange(len(X_LABELS))
     colors = matplotlib.colormaps["viridis"](np.linspace(0.15, 0.75, max(len(dictionaries), 1)))
     for i, (name, color) in enumerate(zip(dictionaries, colors)):
-        part = rows[rows.dictionary == name].set_index("x").reindex(X_LABELS)
+        part = pd.DataFrame(rows[rows.dictionary == name]).set_index("x").reindex(X_LABELS)
         shift = (i - (len(dictionaries) - 1) / 2) * 0.15
         value = part.value.to_numpy(dtype=float)
         half = part.wald_half.to_numpy(dtype=float)
