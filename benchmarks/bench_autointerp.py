@@ -103,7 +103,7 @@ def machine() -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     p.add_argument("--model-dir", default=None, help="converted SmolLM2 folder (made if absent)")
     p.add_argument("--latents", type=int, default=4, choices=range(1, len(WORDS) + 1))
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
@@ -128,7 +128,8 @@ def main() -> None:
                 cache = work / f"cache_{c}.jsonl"
                 runs.append(timed_run(srv, ex, stage_args(work, examples, model_dir, c, cache)))
                 print(json.dumps(runs[-1]), flush=True)
-            warm = timed_run(srv, ex, stage_args(work, examples, model_dir, 4, cache))
+            warm_cache = work / f"cache_{args.concurrency[-1]}.jsonl"  # the last run's answers
+            warm = timed_run(srv, ex, stage_args(work, examples, model_dir, 4, warm_cache))
     result = {"server": "transformers serve (SmolLM2-135M-Instruct, CPU)",
               "continuous_batching": args.continuous_batching,
               "server_startup_s": startup, "latents": args.latents,

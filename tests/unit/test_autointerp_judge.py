@@ -90,3 +90,20 @@ def test_in_process_margins_match_a_float64_recomputation(smollm2_judge):
                 - torch.logsumexp(logp[judge._ids["no"]], 0)).item()
         assert got == pytest.approx(want, abs=1e-4)
     assert {judge.tokenizer.decode([i]).strip() for i in judge._ids["yes"]} <= {"yes", "Yes", "YES"}
+
+
+def test_ground_truth_items_are_balanced_and_labelled_by_their_pattern():
+    from saeflow.autointerp import groundtruth
+
+    texts = ["In March police said Monday that 3 men were held in France",
+             "The dog ran across the garden and the cat watched it go"] * 4  # 12 words each
+    four = groundtruth.FEATURES[:4]
+    items = groundtruth.build_items(texts, n_per_class=2, seed=0, n_words=6, features=four)
+    feats = {f.name: f for f in groundtruth.FEATURES}
+    for name in ("month", "weekday", "country", "digits"):
+        mine = [it for it in items if it.feature == name]
+        assert sorted(it.label for it in mine) == [0, 0, 1, 1]
+        assert all(bool(feats[name].pattern.search(it.text)) == bool(it.label) for it in mine)
+    assert not feats["month"].pattern.search("Theresa May said")  # "May" is left out on purpose
+    with pytest.raises(ValueError, match="feature 'money': 0 positive"):
+        groundtruth.build_items(texts, n_per_class=1, n_words=6)

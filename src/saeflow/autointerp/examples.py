@@ -336,7 +336,8 @@ def make_encoder(sae_path: str, base_path: str | None, fit_path: str | None,
                                   f"component, not --component {component}")
 
     def encode(x: Tensor) -> Tensor:
-        target = error_saes.component_of(x, error_saes.sae_error(base, x), fit, component)
+        target = error_saes.component_of(x, error_saes.sae_error(base, x), fit,
+                                         component)  # type: ignore[arg-type] (checked above)
         return sae.encode(target)
 
     return encode

@@ -81,7 +81,7 @@ def read_examples(path: str) -> Examples:
     shapes = {"tokens": (n_lat, n_slot, ctx), "acts": (n_lat, n_slot, ctx),
               "kind": (n_lat, n_slot), "decile": (n_lat, n_slot)}
     with h5io.open_checked(path, datasets=shapes) as h5:
-        arr = {name: np.asarray(dataset(h5, name)[:]) for name in shapes | {"latents": 0}}
+        arr = {name: np.array(dataset(h5, name)) for name in [*shapes, "latents"]}
         ex = Examples(arr["latents"].astype(np.int64), arr["tokens"], arr["acts"],
                       arr["kind"].astype(np.int8), arr["decile"].astype(np.int8),
                       str(h5io.plain(h5.attrs["sae_id"])))

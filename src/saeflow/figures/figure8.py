@@ -89,7 +89,7 @@ def figure_table(results: dict[str, list[dict]]) -> pd.DataFrame:
             for row in scoring.figure_rows(pooled(records, scorer)):
                 rows.append({"dictionary": dictionary, "scorer": scorer, **row,
                              "latents": latents})
-    return pd.DataFrame(rows, columns=COLUMNS)
+    return pd.DataFrame(rows, columns=pd.Index(COLUMNS))
 
 
 def balanced_accuracy(part: pd.DataFrame) -> float:
