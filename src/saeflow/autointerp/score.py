@@ -5,7 +5,12 @@
 [--server local --model-dir DIR | --base-url URL --model NAME [--api-key-env VAR]]
 [--concurrency 4] [--timeout 60] [--max-retries 4] [--n-explain 10] [--examples-per-prompt 5]
 [--seed 0] [--server-log PATH] [--server-threads N] [--server-continuous-batching]
-[--max-failed-fraction 0.1]``
+[--max-failed-fraction 0.1] [--method list|logprob]``
+
+``--method logprob`` replaces each list prompt by one yes/no prompt per example and predicts 1
+when log P(yes) > log P(no) (:mod:`saeflow.autointerp.judge`); with ``--server local`` the model
+is loaded in this process (``transformers serve`` returns no logprobs), with a remote server its
+``top_logprobs`` are read. Records then carry each example's ``margin``.
 
 Per latent: one explainer request on its top ``--n-explain`` examples (kind 1, firing tokens
 marked), then the detection scorer (unmarked decile and non-activating examples, is the feature
