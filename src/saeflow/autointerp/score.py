@@ -82,7 +82,7 @@ def read_examples(path: str) -> Examples:
             if name not in h5.attrs:
                 raise h5io.InputFileError(f"{path}: attribute '{name}' missing")
         (n_lat,), (_, n_slot) = dataset(h5, "latents").shape, dataset(h5, "kind").shape
-        ctx = int(h5.attrs["ctx_len"])
+        ctx = int(h5io.plain(h5.attrs["ctx_len"]))
     shapes = {"tokens": (n_lat, n_slot, ctx), "acts": (n_lat, n_slot, ctx),
               "kind": (n_lat, n_slot), "decile": (n_lat, n_slot)}
     with h5io.open_checked(path, datasets=shapes) as h5:
