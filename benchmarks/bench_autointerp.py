@@ -128,7 +128,8 @@ def main() -> None:
                 cache = work / f"cache_{c}.jsonl"
                 runs.append(timed_run(srv, ex, stage_args(work, examples, model_dir, c, cache)))
                 print(json.dumps(runs[-1]), flush=True)
-            warm = timed_run(srv, ex, stage_args(work, examples, model_dir, 4, cache))
+            warm_cache = work / f"cache_{args.concurrency[-1]}.jsonl"  # the last run's answers
+            warm = timed_run(srv, ex, stage_args(work, examples, model_dir, 4, warm_cache))
     result = {"server": "transformers serve (SmolLM2-135M-Instruct, CPU)",
               "continuous_batching": args.continuous_batching,
               "server_startup_s": startup, "latents": args.latents,

@@ -18,9 +18,9 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Self
+from typing import Any, Self
 
 BEHAVIOURS = ("ok", "drop", "500", "503", "429", "400", "sleep", "garbage", "no_choices")
 
@@ -43,7 +43,17 @@ def oracle_answer(body: dict) -> str:
     if "[EXPLANATION]" in system:
         spans = Counter(re.findall(r"<<(.*?)>>", user))
         return f'[EXPLANATION]: the word "{spans.most_common(1)[0][0]}"'
-    word = re.search(r'Feature: the word "(.*)"', user).group(1)
+    found = re.search(r'Feature: the word "(.*)"', user)
+    assert found is not None, f"not a fixture explanation: {user[:80]!r}"
+    word = found.group(1)
+    if "yes or no" in system:  # one example per prompt (method logprob)
+        one = re.search(r"^Example: (.*)$", user, flags=re.MULTILINE)
+        assert one is not None, f"no example in {user[:80]!r}"
+        example = one.group(1)
+        spans = re.findall(r"<<(.*?)>>", example)
+        hit = (bool(spans) and all(s == word for s in spans)) if "marked" in system else \
+            bool(re.search(rf"\b{re.escape(word)}\b", example))
+        return "yes" if hit else "no"
     if "marked" in system:
         answers = [int(bool(spans) and all(s == word for s in spans))
                    for spans in (re.findall(r"<<(.*?)>>", e) for e in _examples(user))]
@@ -57,7 +67,7 @@ class _QuietServer(ThreadingHTTPServer):
 
     daemon_threads = True
 
-    def handle_error(self, request: object, client_address: object) -> None:
+    def handle_error(self, request: Any, client_address: Any) -> None:
         if not isinstance(sys.exc_info()[1], ConnectionError):
             super().handle_error(request, client_address)
 
@@ -65,10 +75,11 @@ class _QuietServer(ThreadingHTTPServer):
 class ChatServer:
     """``with ChatServer(answer=..., script=[...]) as server:`` then use ``server.base_url``."""
 
-    def __init__(self, answer: Callable[[dict], str] = echo_answer, script: list[str] = (),
+    def __init__(self, answer: Callable[[dict], str] = echo_answer, script: Sequence[str] = (),
                  default: str = "ok", fail_after: int | None = None, sleep: float = 1.0,
-                 delay: float = 0.0) -> None:
+                 delay: float = 0.0, logprobs: bool = True) -> None:
         self.answer, self.script, self.default = answer, list(script), default
+        self.logprobs = logprobs  # False: ignore "logprobs" in requests, as transformers serve
         self.fail_after, self.sleep, self.delay = fail_after, sleep, delay
         self.bodies: list[dict] = []
         self.auth: list[str | None] = []
@@ -96,7 +107,7 @@ class ChatServer:
         server = self
 
         class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args: object) -> None:
+            def log_message(self, format: str, *args: Any) -> None:
                 pass
 
             def do_POST(self) -> None:
@@ -127,9 +138,16 @@ class ChatServer:
         else:
             with self._lock:
                 self.answered += 1
+            text = self.answer(body)
             reply = {"object": "chat.completion", "model": body.get("model"), "choices": [
-                {"index": 0, "message": {"role": "assistant", "content": self.answer(body)},
+                {"index": 0, "message": {"role": "assistant", "content": text},
                  "finish_reason": "stop"}]}
+            if body.get("logprobs") and self.logprobs:  # OpenAI/vLLM layout: the answer token is the likely one
+                other = {"yes": " No", "no": " Yes"}.get(text.strip().lower(), "maybe")
+                top = [{"token": text, "logprob": -0.2}, {"token": other, "logprob": -1.8},
+                       {"token": "The", "logprob": -4.0}]
+                reply["choices"][0]["logprobs"] = {"content": [
+                    {"token": text, "logprob": -0.2, "top_logprobs": top}]}
             self._send(handler, 200, json.dumps(reply).encode())
 
     @staticmethod

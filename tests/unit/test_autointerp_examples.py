@@ -11,6 +11,7 @@ import torch
 
 from saeflow import error_saes, h5io, topk
 from saeflow.autointerp import examples as ex
+from saeflow.autointerp.h5data import dataset
 
 N_SEQ, CTX, SKIP, WIN, D = 40, 26, 1, 8, 6  # 25 cached positions -> 3 windows of 8 per sequence
 
@@ -103,7 +104,7 @@ def test_random_examples_do_not_activate(planted):
 def test_tokens_and_acts_are_aligned(planted):
     arrays, x = planted["arrays"], planted["x"]
     with h5py.File(planted["tokens"]) as h5:
-        tokens = h5["tokens"][:]
+        tokens = np.array(dataset(h5, "tokens"))
     per_seq = (CTX - SKIP) // WIN
     for i, latent in enumerate(arrays["latents"]):
         for e in np.flatnonzero(arrays["kind"][i] != ex.KIND_PAD):
@@ -155,10 +156,12 @@ def test_cli_on_an_error_sae_writes_the_agreed_format(tmp_path):
     with h5io.open_checked(out, {"latents": (3,), "tokens": (3, 15, WIN), "acts": (3, 15, WIN),
                                  "kind": (3, 15), "decile": (3, 15)}) as h5:
         assert h5.attrs["sae_id"] == "err" and h5.attrs["ctx_len"] == WIN and h5.attrs["seed"] == 0
-        assert h5["tokens"].dtype == np.int32 and h5["acts"].dtype == np.float32
-        assert h5["kind"].dtype == np.int8 and h5["latents"].dtype == np.int64
-        latents, got, window = h5["latents"][:], h5["acts"][:], h5["window"][:]
-        assert int(h5.attrs["n_skipped"]) == summary["skipped"]
+        arr = {name: np.array(dataset(h5, name)) for name in ("tokens", "acts", "kind", "latents",
+                                                              "window")}
+        assert arr["tokens"].dtype == np.int32 and arr["acts"].dtype == np.float32
+        assert arr["kind"].dtype == np.int8 and arr["latents"].dtype == np.int64
+        latents, got, window = arr["latents"], arr["acts"], arr["window"]
+        assert int(h5io.plain(h5.attrs["n_skipped"])) == summary["skipped"]
     encode = ex.make_encoder(str(tmp_path / "err"), str(base), str(fit), "nonlinear")
     per_seq = (CTX - SKIP) // WIN
     with torch.no_grad():
@@ -181,7 +184,8 @@ def test_bad_inputs_name_the_problem(tmp_path):
         ex.collect(a, t, lambda z: z.relu(), too_long, chunk=100)
     # a tokens file that is not the one the activations were made from
     with h5py.File(toks, "r+") as h5:
-        h5["tokens"][:, SKIP:] = h5["tokens"][:, SKIP:] + 1
+        toks_ds = dataset(h5, "tokens")
+        toks_ds[:, SKIP:] = np.array(toks_ds[:, SKIP:]) + 1
     cfg = ex.ExampleConfig(n_latents=2, ctx_len=WIN, min_examples=1)
     with h5io.open_checked(acts) as a, h5io.open_checked(toks) as t, \
             pytest.raises(h5io.InputFileError, match="token ids differ"):

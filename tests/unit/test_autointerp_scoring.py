@@ -143,3 +143,11 @@ def test_prompts_number_examples_and_ask_for_n_values():
         # one worked exchange, then the real question; the demo answer parses
         assert [m["role"] for m in msgs] == ["system", "user", "assistant", "user"]
         assert scoring.parse_binary_list(msgs[2]["content"], 3) == [1, 0, 1]
+
+
+def test_balanced_accuracy_ignores_unanswered_and_needs_both_classes():
+    from saeflow.autointerp.scoring import balanced_accuracy
+
+    assert balanced_accuracy([1, 1, 0, 0, 1], [1, 0, 0, None, None]) == 0.75
+    assert balanced_accuracy([1, 1, 0, 0], [1, 1, 1, 1]) == 0.5
+    assert balanced_accuracy([1, 0], [1, None]) is None

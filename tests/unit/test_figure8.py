@@ -77,3 +77,11 @@ def test_bad_records_name_the_file_and_line(tmp_path):
         figure8.read_records(bad)
     with pytest.raises(SystemExit):
         figure8.main(["table", "--results", bad, "--labels", "a", "b", "--out", "x.csv"])
+
+
+def test_balanced_accuracy_is_half_for_a_judge_that_always_says_yes():
+    rows = pd.DataFrame({"x": ["Not", "Q1", "Q2"], "k": [0, 5, 5], "n": [10, 5, 5]})
+    assert figure8.balanced_accuracy(rows) == 0.5  # recall 1, 1 - FPR 0
+    rows = pd.DataFrame({"x": ["Not", "Q1", "Q2"], "k": [9, 2, 4], "n": [10, 5, 5]})
+    assert figure8.balanced_accuracy(rows) == pytest.approx((6 / 10 + 9 / 10) / 2)
+    assert math.isnan(figure8.balanced_accuracy(pd.DataFrame(rows[rows.x != "Not"])))

@@ -112,10 +112,11 @@ def test_concurrency_is_bounded(tmp_path):
 
 def test_backoff_jitter_is_seeded():
     cfg = ClientConfig(base_url="http://127.0.0.1:9/v1", model="m", seed=7, backoff_base=1.0)
-    delays = [[ChatClient(cfg, None)._delay(a, None) for a in range(4)] for _ in range(2)]
+    clients = [ChatClient(cfg, None) for _ in range(2)]  # type: ignore[arg-type] (no cache needed)
+    delays = [[client._delay(a, None) for a in range(4)] for client in clients]
     assert delays[0] == delays[1]
     assert all(0.5 * 2**a <= d < 1.5 * 2**a for a, d in enumerate(delays[0]))
-    assert ChatClient(cfg, None)._delay(0, retry_after=20.0) == 20.0
+    assert ChatClient(cfg, None)._delay(0, retry_after=20.0) == 20.0  # type: ignore[arg-type]
 
 
 def test_torn_last_line_is_ignored_and_cut(tmp_path):
@@ -155,7 +156,7 @@ def test_api_key_sent_only_in_header(tmp_path, monkeypatch):
     monkeypatch.delenv("SAEFLOW_TEST_LLM_KEY")
     with pytest.raises(ClientConfigError, match="'SAEFLOW_TEST_LLM_KEY'"):
         ChatClient(ClientConfig(base_url="http://x/v1", model="m",
-                                api_key_env="SAEFLOW_TEST_LLM_KEY"), None)
+                                api_key_env="SAEFLOW_TEST_LLM_KEY"), None)  # type: ignore[arg-type]
 
 
 # ---- local server lifecycle, with a small real server process instead of transformers serve ---
@@ -222,6 +223,7 @@ def test_local_server_stopped_when_parent_gets_sigterm(tmp_path):
             time.sleep(600)
     """))
     parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    assert parent.stdout is not None
     pid, port = map(int, parent.stdout.readline().split())
     assert port_open(port)
     parent.send_signal(signal.SIGTERM)

@@ -184,11 +184,12 @@ rule score_latents:
         max_retries=AI["score"]["max_retries"],
         n_explain=AI["n_top"],
         per_prompt=AI["score"]["examples_per_prompt"],
+        method=AI["score"]["method"],
         max_failed=AI["score"]["max_failed_fraction"],
         seed=AI["seed"],
         code=code_version(
             "autointerp.score", "autointerp.client", "autointerp.prompts", "autointerp.scoring",
-            "autointerp.server",
+            "autointerp.server", "autointerp.judge",
         ),
     log:
         "logs/score_latents/{sae_id}.log",
@@ -209,7 +210,7 @@ rule score_latents:
         " --server-log {log}.server --server-threads {threads} --concurrency {params.concurrency}"
         " --timeout {params.timeout} --max-retries {params.max_retries}"
         " --n-explain {params.n_explain} --examples-per-prompt {params.per_prompt}"
-        " --max-failed-fraction {params.max_failed} --seed {params.seed} > {log} 2>&1"
+        " --method {params.method} --max-failed-fraction {params.max_failed} --seed {params.seed} > {log} 2>&1"
 
 
 def figure8_results(wildcards):

@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import random
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Self
@@ -146,6 +147,16 @@ def answer_text(body: Any) -> str:
     return content
 
 
+def _margin_text(body: Any) -> str:
+    """The yes/no margin of a body with logprobs, as text (a missing field: a bad body)."""
+    from saeflow.autointerp.judge import margin_from_top, top_logprobs
+
+    try:
+        return repr(margin_from_top(top_logprobs(body)))
+    except ValueError as err:  # not retried: a server without logprobs will not grow them
+        raise RequestFailed("no_logprobs", str(err), False) from err
+
+
 def _retry_after(response: httpx.Response) -> float | None:
     try:
         return float(response.headers.get("retry-after", ""))
@@ -199,6 +210,23 @@ class ChatClient:
         ``params`` are sampling parameters (max_tokens, temperature, seed, ...) sent as given.
         Identical calls in flight at once share one request.
         """
+        return await self._cached_call(messages, params, answer_text)
+
+    async def yes_no(self, messages: list[dict[str, str]]) -> float | None:
+        """log P(yes) - log P(no) of the first answer token, from the server's ``top_logprobs``.
+
+        Needs a server that returns logprobs (vLLM, OpenAI); a body without them is a failed
+        attempt (``bad_body``). Cached as the margin's decimal text.
+        """
+        params = {"max_tokens": 1, "temperature": 0.0, "logprobs": True, "top_logprobs": 20}
+        text = await self._cached_call(messages, params, _margin_text)
+        return float(text) if text is not None else None
+
+    async def yes_no_many(self, batch: list[list[dict[str, str]]]) -> list[float | None]:
+        return list(await asyncio.gather(*(self.yes_no(m) for m in batch)))
+
+    async def _cached_call(self, messages: list[dict[str, str]], params: dict[str, Any],
+                           extract: Callable[[Any], str]) -> str | None:
         key = cache_key(self.config.model, messages, params)
         cached = self.cache.get(key)
         if cached is not None:
@@ -210,7 +238,7 @@ class ChatClient:
         future: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
         self._inflight[key] = future
         try:
-            answer = await self._ask(messages, params)
+            answer = await self._ask(messages, params, extract)
             if answer is not None:
                 self.cache.put(key, self.config.model, answer)
             future.set_result(answer)
@@ -225,13 +253,14 @@ class ChatClient:
         finally:
             del self._inflight[key]
 
-    async def _ask(self, messages: list[dict[str, str]], params: dict[str, Any]) -> str | None:
+    async def _ask(self, messages: list[dict[str, str]], params: dict[str, Any],
+                   extract: Callable[[Any], str] = answer_text) -> str | None:
         """Attempts with exponential backoff; None (and a counted failure) when they run out."""
         body = {"model": self.config.model, "messages": messages, **params}
         for attempt in range(self.config.max_retries + 1):
             try:
                 async with self._semaphore:
-                    return await self._attempt(body)
+                    return await self._attempt(body, extract)
             except RequestFailed as err:
                 self.stats.errors[err.kind] = self.stats.errors.get(err.kind, 0) + 1
                 if not err.retryable or attempt == self.config.max_retries:
@@ -248,7 +277,8 @@ class ChatClient:
             delay = max(delay, min(retry_after, cfg.backoff_max))
         return delay
 
-    async def _attempt(self, body: dict[str, Any]) -> str:
+    async def _attempt(self, body: dict[str, Any],
+                       extract: Callable[[Any], str] = answer_text) -> str:
         """One POST; classifies every way it can go wrong as a RequestFailed."""
         assert self._http is not None, "use ChatClient as an async context manager"
         self.stats.requests += 1
@@ -264,6 +294,6 @@ class ChatClient:
             raise RequestFailed(f"http_{response.status_code}",
                                 self.redact(response.text[:200]), retryable, _retry_after(response))
         try:
-            return answer_text(response.json())
+            return extract(response.json())
         except ValueError as err:
             raise RequestFailed("bad_body", "body is not JSON", True) from err

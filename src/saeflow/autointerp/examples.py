@@ -53,6 +53,7 @@ import torch
 from torch import Tensor
 
 from saeflow import h5io
+from saeflow.autointerp.h5data import dataset
 
 KIND_PAD, KIND_TOP, KIND_DECILE, KIND_RANDOM = 0, 1, 2, 3
 N_DECILES = 10
@@ -152,11 +153,11 @@ def iter_windows(acts: h5py.File, win: Windows,
                  chunk_tokens: int) -> Iterator[tuple[Tensor, Tensor]]:
     """(window ids [w], x [w, ctx_len, d]) over the file, whole sequences per read."""
     seqs = max(1, chunk_tokens // win.kept)
-    d = acts["acts"].shape[1]
+    d = dataset(acts, "acts").shape[1]
     used = win.per_seq * win.ctx_len
     for s0 in range(0, win.n_seq, seqs):
         s1 = min(s0 + seqs, win.n_seq)
-        x = torch.from_numpy(acts["acts"][s0 * win.kept: s1 * win.kept])
+        x = torch.from_numpy(dataset(acts, "acts")[s0 * win.kept: s1 * win.kept])
         x = x.view(s1 - s0, win.kept, d)[:, :used].reshape(-1, win.ctx_len, d)
         yield torch.arange(s0 * win.per_seq, s1 * win.per_seq), x
 
@@ -205,11 +206,13 @@ def gather(acts: h5py.File, tokens: h5py.Dataset, win: Windows, encoder: Encoder
     for i in range(0, len(windows), step):
         part = windows[i:i + step]
         rows = win.rows(part)
-        x = torch.from_numpy(acts["acts"][rows.reshape(-1)]).view(len(part), win.ctx_len, -1)
+        x = torch.from_numpy(dataset(acts, "acts")[rows.reshape(-1)])
+        x = x.view(len(part), win.ctx_len, -1)
         out_act[i:i + step] = encode_windows(encoder, x, latents).numpy()
         seq, first = win.positions(part)
         tok = np.stack([tokens[s, f:f + win.ctx_len] for s, f in zip(seq, first)])
-        if not np.array_equal(tok, acts["tokens"][rows.reshape(-1)].reshape(tok.shape)):
+        cached = np.asarray(dataset(acts, "tokens")[rows.reshape(-1)]).reshape(tok.shape)
+        if not np.array_equal(tok, cached):
             raise h5io.InputFileError(
                 f"{acts.filename}: token ids differ from {tokens.file.filename} at the cached "
                 "positions; the activations were made from another tokens file")
@@ -253,10 +256,11 @@ def read_windows(acts: h5py.File, tokens: h5py.File, ctx_len: int) -> Windows:
     if min(n_seq, ctx, skip) < 0:
         raise h5io.InputFileError(f"{acts.filename}: attributes n_seq, ctx_len and "
                                   "skip_positions are required")
-    if tokens["tokens"].shape != (n_seq, ctx) or acts["acts"].shape[0] != n_seq * (ctx - skip):
+    tok_shape, n_rows = dataset(tokens, "tokens").shape, dataset(acts, "acts").shape[0]
+    if tok_shape != (n_seq, ctx) or n_rows != n_seq * (ctx - skip):
         raise h5io.InputFileError(
-            f"{acts.filename}: {acts['acts'].shape[0]} rows for n_seq {n_seq} x (ctx_len {ctx} - "
-            f"skip {skip}), and {tokens.filename} has tokens {tokens['tokens'].shape}")
+            f"{acts.filename}: {n_rows} rows for n_seq {n_seq} x (ctx_len {ctx} - "
+            f"skip {skip}), and {tokens.filename} has tokens {tok_shape}")
     if ctx_len > ctx - skip:
         raise ValueError(f"--ctx-len {ctx_len} exceeds the {ctx - skip} cached positions per "
                          f"sequence of {acts.filename}")
@@ -281,7 +285,7 @@ def collect(acts: h5py.File, tokens: h5py.File, encoder: Encoder, cfg: ExampleCo
                              pool_values[:, i].numpy(), pool, cfg.n_top, cfg.n_per_decile,
                              cfg.n_random, rng) for i in range(len(chosen))]
     every = np.unique([e.window for p in picks for e in p]).astype(np.int64)
-    tok, act = gather(acts, tokens["tokens"], win, encoder, latents, every, chunk)
+    tok, act = gather(acts, dataset(tokens, "tokens"), win, encoder, latents, every, chunk)
     return assemble(picks, every, tok, act, cfg.per_latent, win.ctx_len) | {
         "latents": chosen, "skipped_latents": skipped, "n_activating": counts[chosen],
         "n_windows": win.n}
@@ -323,6 +327,8 @@ def make_encoder(sae_path: str, base_path: str | None, fit_path: str | None,
     sae = load_sae(sae_path)
     if base_path is None:
         return lambda x: sae.encode(x)
+    if fit_path is None or component is None:
+        raise ValueError("an error SAE (--base-sae) needs --fit and --component")
     base, fit = load_sae(base_path), error_saes.read_fit(fit_path, int(sae.cfg.d_in))
     recorded = (getattr(sae.cfg.metadata, "saeflow_error_sae", None) or {}).get("component")
     if recorded not in (None, component):
@@ -330,7 +336,8 @@ def make_encoder(sae_path: str, base_path: str | None, fit_path: str | None,
                                   f"component, not --component {component}")
 
     def encode(x: Tensor) -> Tensor:
-        target = error_saes.component_of(x, error_saes.sae_error(base, x), fit, component)
+        target = error_saes.component_of(x, error_saes.sae_error(base, x), fit,
+                                         component)  # type: ignore[arg-type] (checked above)
         return sae.encode(target)
 
     return encode

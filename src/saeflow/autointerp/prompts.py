@@ -107,3 +107,27 @@ def fuzzing_messages(explanation: str, examples: Sequence[str]) -> Messages:
     feature, demo, answer = FUZZING_DEMO
     return _with_demo(FUZZING_SYSTEM, _score_user(feature, demo), answer,
                       _score_user(explanation, examples))
+
+
+# One window per prompt, answered by one word whose probability is read (method "logprob",
+# saeflow.autointerp.judge): no list to copy and no demo answer to echo.
+YES_NO_SYSTEM = (
+    "You are a meticulous linguistics researcher. You will be given a feature of text and one "
+    "text example. Answer yes if the example contains the feature and no if it does not. "
+    "Answer with one word: yes or no."
+)
+FUZZING_YES_NO_SYSTEM = (
+    "You are a meticulous linguistics researcher. You will be given a feature of text and one "
+    f"text example in which some tokens are marked {OPEN}like this{CLOSE}. Answer yes if the "
+    "marked tokens are instances of the feature and no if they are not. Answer with one word: "
+    "yes or no."
+)
+
+
+def yes_no_messages(explanation: str, example: str, fuzzing: bool = False) -> Messages:
+    """Ask whether one example (marked for fuzzing) shows the feature; answer yes or no."""
+    question = ("Are the marked tokens instances of the feature?" if fuzzing
+                else "Does the example contain the feature?")
+    return [{"role": "system", "content": FUZZING_YES_NO_SYSTEM if fuzzing else YES_NO_SYSTEM},
+            {"role": "user", "content": f"Feature: {explanation}\n\nExample: {example.strip()}"
+                                        f"\n\n{question} Answer yes or no."}]

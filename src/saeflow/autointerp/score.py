@@ -5,7 +5,12 @@
 [--server local --model-dir DIR | --base-url URL --model NAME [--api-key-env VAR]]
 [--concurrency 4] [--timeout 60] [--max-retries 4] [--n-explain 10] [--examples-per-prompt 5]
 [--seed 0] [--server-log PATH] [--server-threads N] [--server-continuous-batching]
-[--max-failed-fraction 0.1]``
+[--max-failed-fraction 0.1] [--method list|logprob]``
+
+``--method logprob`` replaces each list prompt by one yes/no prompt per example and predicts 1
+when log P(yes) > log P(no) (:mod:`saeflow.autointerp.judge`); with ``--server local`` the model
+is loaded in this process (``transformers serve`` returns no logprobs), with a remote server its
+``top_logprobs`` are read. Records then carry each example's ``margin``.
 
 Per latent: one explainer request on its top ``--n-explain`` examples (kind 1, firing tokens
 marked), then the detection scorer (unmarked decile and non-activating examples, is the feature
@@ -51,6 +56,7 @@ from tqdm import tqdm
 from saeflow import h5io
 from saeflow.autointerp import prompts, scoring
 from saeflow.autointerp.client import AnswerCache, ChatClient, ClientConfig
+from saeflow.autointerp.h5data import dataset
 
 KIND_PAD, KIND_TOP, KIND_TEST, KIND_RANDOM = 0, 1, 2, 3
 EXPLAIN_PARAMS = {"max_tokens": 50, "temperature": 0.0}
@@ -75,13 +81,14 @@ def read_examples(path: str) -> Examples:
         for name in ("ctx_len", "sae_id"):
             if name not in h5.attrs:
                 raise h5io.InputFileError(f"{path}: attribute '{name}' missing")
-        (n_lat,), (_, n_slot) = h5["latents"].shape, h5["kind"].shape
-        ctx = int(h5.attrs["ctx_len"])
+        (n_lat,), (_, n_slot) = dataset(h5, "latents").shape, dataset(h5, "kind").shape
+        ctx = int(h5io.plain(h5.attrs["ctx_len"]))
     shapes = {"tokens": (n_lat, n_slot, ctx), "acts": (n_lat, n_slot, ctx),
               "kind": (n_lat, n_slot), "decile": (n_lat, n_slot)}
     with h5io.open_checked(path, datasets=shapes) as h5:
-        ex = Examples(h5["latents"][:].astype(np.int64), h5["tokens"][:], h5["acts"][:],
-                      h5["kind"][:].astype(np.int8), h5["decile"][:].astype(np.int8),
+        arr = {name: np.array(dataset(h5, name)) for name in [*shapes, "latents"]}
+        ex = Examples(arr["latents"].astype(np.int64), arr["tokens"], arr["acts"],
+                      arr["kind"].astype(np.int8), arr["decile"].astype(np.int8),
                       str(h5io.plain(h5.attrs["sae_id"])))
     _check_examples(path, ex)
     return ex
@@ -108,7 +115,7 @@ class Renderer:
         self.tokenizer = tokenizer
         self._pieces: dict[int, str] = {}
 
-    def pieces(self, ids: Sequence[int]) -> list[str]:
+    def pieces(self, ids: Sequence[int] | np.ndarray) -> list[str]:
         out = []
         for i in ids:
             i = int(i)
@@ -117,9 +124,11 @@ class Renderer:
             out.append(self._pieces[i])
         return out
 
-    def text(self, ids: Sequence[int], marked: Sequence[bool] | None = None) -> str:
+    def text(self, ids: Sequence[int] | np.ndarray,
+             marked: Sequence[bool] | np.ndarray | None = None) -> str:
         pieces = self.pieces(ids)
-        return prompts.mark_tokens(pieces, marked if marked is not None else [False] * len(ids))
+        flags = [bool(m) for m in marked] if marked is not None else [False] * len(ids)
+        return prompts.mark_tokens(pieces, flags)
 
 
 class TestItem(NamedTuple):
@@ -165,9 +174,25 @@ def scorer_params(n: int) -> dict[str, Any]:
     return {"max_tokens": max(25, 4 * n + 10), "temperature": 0.0}
 
 
-async def run_scorer(client: ChatClient, name: str, explanation: str, items: list[TestItem],
-                     ex: Examples, row: int, per_prompt: int, renderer: Renderer) -> dict:
-    """Ask one scorer about every item in batches; return its record part."""
+async def run_scorer_logprob(client: Any, name: str, explanation: str, items: list[TestItem],
+                             ex: Examples, row: int, renderer: Renderer) -> dict:
+    """One yes/no prompt per item; predicted 1 when log P(yes) - log P(no) > 0."""
+    fuzzing = name == "fuzzing"
+    msgs = [prompts.yes_no_messages(
+        explanation, renderer.text(ex.tokens[row, it.slot], it.marks if fuzzing else None),
+        fuzzing) for it in items]
+    margins = await client.yes_no_many(msgs)
+    predictions = [None if m is None else int(m > 0) for m in margins]
+    record = scorer_record(items, predictions, len(items), 0, sum(m is None for m in margins))
+    return record | {"margin": margins}
+
+
+async def run_scorer(client: Any, name: str, explanation: str, items: list[TestItem],
+                     ex: Examples, row: int, per_prompt: int, renderer: Renderer,
+                     method: str = "list") -> dict:
+    """Ask one scorer about every item (in list batches, or one logprob prompt each)."""
+    if method == "logprob":
+        return await run_scorer_logprob(client, name, explanation, items, ex, row, renderer)
     build = prompts.detection_messages if name == "detection" else prompts.fuzzing_messages
     batches = [items[i:i + per_prompt] for i in range(0, len(items), per_prompt)]
 
@@ -203,7 +228,7 @@ def empty_scorer() -> dict:
     return scorer_record([], [], 0, 0, 0)
 
 
-async def score_latent(client: ChatClient, ex: Examples, row: int, args: argparse.Namespace,
+async def score_latent(client: Any, ex: Examples, row: int, args: argparse.Namespace,
                        renderer: Renderer) -> dict:
     """Explain latent ``row``, then run both scorers on its test examples concurrently."""
     latent = int(ex.latents[row])
@@ -215,12 +240,12 @@ async def score_latent(client: ChatClient, ex: Examples, row: int, args: argpars
         return record | {name: empty_scorer() for name in SCORERS}
     items = test_items(ex, row, random.Random(f"{args.seed}:{latent}"))
     parts = await asyncio.gather(*(run_scorer(client, name, explanation, items, ex, row,
-                                              args.examples_per_prompt, renderer)
+                                              args.examples_per_prompt, renderer, args.method)
                                    for name in SCORERS))
     return record | dict(zip(SCORERS, parts))
 
 
-async def score_all(client: ChatClient, ex: Examples, args: argparse.Namespace,
+async def score_all(client: Any, ex: Examples, args: argparse.Namespace,
                     renderer: Renderer) -> list[dict]:
     """Every latent, concurrently (the client bounds requests in flight), in file order."""
     tasks = [asyncio.ensure_future(score_latent(client, ex, row, args, renderer))
@@ -236,7 +261,7 @@ async def score_all(client: ChatClient, ex: Examples, args: argparse.Namespace,
     return [task.result() for task in tasks]
 
 
-def summarize(records: list[dict], client: ChatClient, ex: Examples,
+def summarize(records: list[dict], client: Any, ex: Examples,
               args: argparse.Namespace) -> dict:
     """Run-level numbers and the pooled Figure 8 rows per scorer."""
     out: dict[str, Any] = {
@@ -255,9 +280,12 @@ def summarize(records: list[dict], client: ChatClient, ex: Examples,
         prompts_n = sum(p["prompts"] for p in parts)
         answered = prompts_n - sum(p["failed"] for p in parts)
         unparseable = sum(p["unparseable"] for p in parts)
+        labels = [y for p in parts for y in p["label"]]
+        preds = [y for p in parts for y in p["prediction"]]
+        bal = scoring.balanced_accuracy(labels, preds)
         out[name] = {"prompts": prompts_n, "answered": answered, "unparseable": unparseable,
                      "unparseable_rate": unparseable / answered if answered else None,
-                     "rows": scoring.figure_rows(pooled)}
+                     "balanced_accuracy": bal, "rows": scoring.figure_rows(pooled)}
     return out
 
 
@@ -268,7 +296,7 @@ def client_calls(records: list[dict]) -> int:
 
 def settings(args: argparse.Namespace) -> dict:
     """The knobs that shape the results (never the key, only its variable's name)."""
-    keys = ("server", "base_url", "model", "api_key_env", "concurrency", "timeout",
+    keys = ("method", "server", "base_url", "model", "api_key_env", "concurrency", "timeout",
             "max_retries", "n_explain", "examples_per_prompt", "seed",
             "server_continuous_batching")
     return {k: getattr(args, k) for k in keys}
@@ -296,6 +324,20 @@ async def score_with(base_url: str, model: str, ex: Examples,
         cache.close()
 
 
+async def score_in_process(ex: Examples, args: argparse.Namespace) -> tuple[list[dict], dict]:
+    """Score with the model loaded here (``--server local --method logprob``)."""
+    from saeflow.autointerp.judge import LocalJudge
+
+    args.base_url, args.model = None, args.model_dir
+    cache = AnswerCache(args.cache)
+    try:
+        judge = LocalJudge(args.model_dir, cache, threads=args.server_threads)
+        records = await score_all(judge, ex, args, Renderer(load_tokenizer(args.tokenizer)))
+        return records, summarize(records, judge, ex, args)
+    finally:
+        cache.close()
+
+
 def load_tokenizer(path: str) -> Any:
     from saeflow.models import load_tokenizer as load
 
@@ -317,7 +359,10 @@ def run(args: argparse.Namespace) -> dict:
     from saeflow.autointerp.server import local_server
 
     ex = read_examples(args.examples)
-    if args.server == "local":
+    if args.server == "local" and args.method == "logprob":
+        # transformers serve returns no logprobs (measured, 5.24): judge in this process
+        records, summary = asyncio.run(score_in_process(ex, args))
+    elif args.server == "local":
         log = args.server_log or f"{args.summary}.server.log"
         with local_server(args.model_dir, log, threads=args.server_threads,
                           continuous_batching=args.server_continuous_batching) as srv:
@@ -342,6 +387,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--server", choices=["local", "remote"], default="remote",
                    help="local: start transformers serve on --model-dir; remote: use --base-url")
     p.add_argument("--model-dir", help="model folder for --server local")
+    p.add_argument("--method", choices=["list", "logprob"], default="list",
+                   help="list: batches answered as [1, 0, ...]; logprob: one yes/no prompt per "
+                        "example, P(yes) vs P(no) (local: in this process; remote: needs a "
+                        "server that returns logprobs)")
     p.add_argument("--server-log", help="log of the local server (default: SUMMARY.server.log)")
     p.add_argument("--server-threads", type=int, default=None, help="CPU threads of the server")
     p.add_argument("--server-continuous-batching", action="store_true",

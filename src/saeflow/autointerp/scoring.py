@@ -197,6 +197,15 @@ def figure_rows(counts: DecileCounts) -> list[dict]:
     return rows
 
 
+def balanced_accuracy(labels: Sequence[int], predictions: Sequence[int | None]) -> float | None:
+    """(recall + specificity) / 2 over answered examples; None if a class has none."""
+    pos = [p for y, p in zip(labels, predictions) if y == 1 and p is not None]
+    neg = [p for y, p in zip(labels, predictions) if y == 0 and p is not None]
+    if not pos or not neg:
+        return None
+    return 0.5 * (sum(pos) / len(pos) + (len(neg) - sum(neg)) / len(neg))
+
+
 def _num(value: float) -> float | None:
     """JSON has no nan: an empty cell is null."""
     return None if math.isnan(value) else float(value)

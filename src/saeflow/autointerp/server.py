@@ -171,9 +171,10 @@ def local_server(model_dir: str | os.PathLike[str], log_path: str | os.PathLike[
     ``command(model_dir, port)`` gives another server's argv (an OpenAI-compatible stand-in, in
     tests); by default it is :func:`serve_command`.
     """
-    if command is None:
-        def command(model_dir: str, port: int) -> list[str]:
-            return serve_command(model_dir, port, continuous_batching)
+    def default_command(model_dir: str, port: int) -> list[str]:
+        return serve_command(model_dir, port, continuous_batching)
+
+    argv = command or default_command
 
     model_dir = str(model_dir)
     if not (Path(model_dir) / "config.json").is_file():
@@ -183,7 +184,7 @@ def local_server(model_dir: str | os.PathLike[str], log_path: str | os.PathLike[
     port = port or free_port()
     base_url = f"http://127.0.0.1:{port}/v1"
     with _sigterm_raises(), open(log_path, "ab") as log:
-        proc = subprocess.Popen(command(model_dir, port), stdin=subprocess.DEVNULL,
+        proc = subprocess.Popen(argv(model_dir, port), stdin=subprocess.DEVNULL,
                                 stdout=log, stderr=subprocess.STDOUT, env=_server_env(threads),
                                 start_new_session=True,
                                 preexec_fn=_die_with_parent if _PRCTL else None)  # noqa: PLW1509

@@ -18,7 +18,8 @@ called active for Qi), ``n`` (examples with a parseable answer), ``value`` = k /
 explanation failed has no examples scored).
 
 The plot draws only the table: value ± wald_half for each dictionary, one scorer (default
-detection). As with the other figures, the PDF has no creation date and its ``Subject`` names
+detection), and names each dictionary's balanced accuracy (pooled recall over Q1…Q10 and
+1 − FPR, averaged: 0.5 is chance, whatever the judge's bias) in the legend. As with the other figures, the PDF has no creation date and its ``Subject`` names
 the table's SHA-256.
 """
 
@@ -88,7 +89,19 @@ def figure_table(results: dict[str, list[dict]]) -> pd.DataFrame:
             for row in scoring.figure_rows(pooled(records, scorer)):
                 rows.append({"dictionary": dictionary, "scorer": scorer, **row,
                              "latents": latents})
-    return pd.DataFrame(rows)[COLUMNS]
+    return pd.DataFrame(rows, columns=pd.Index(COLUMNS))
+
+
+def balanced_accuracy(part: pd.DataFrame) -> float:
+    """(pooled recall over Q1..Q10 + (1 - FPR)) / 2 of one dictionary's rows; nan if a side is
+    empty. 0.5 is chance whatever the judge's bias: a judge that says yes to everything scores
+    recall 1 and 1 - FPR 0."""
+    deciles = part[part.x != "Not"]
+    not_row = part[part.x == "Not"]
+    n_pos, n_neg = float(deciles.n.sum()), float(not_row.n.sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    return 0.5 * (float(deciles.k.sum()) / n_pos + float(not_row.k.sum()) / n_neg)
 
 
 @dataclass(frozen=True)
@@ -111,16 +124,17 @@ def draw(fig: Figure, table: pd.DataFrame, opts: PlotOptions) -> None:
     pos = np.arange(len(X_LABELS))
     colors = matplotlib.colormaps["viridis"](np.linspace(0.15, 0.75, max(len(dictionaries), 1)))
     for i, (name, color) in enumerate(zip(dictionaries, colors)):
-        part = rows[rows.dictionary == name].set_index("x").reindex(X_LABELS)
+        part = pd.DataFrame(rows[rows.dictionary == name]).set_index("x").reindex(X_LABELS)
         shift = (i - (len(dictionaries) - 1) / 2) * 0.15
         value = part.value.to_numpy(dtype=float)
         half = part.wald_half.to_numpy(dtype=float)
         latents = int(part.latents.dropna().iloc[0]) if part.latents.notna().any() else 0
+        bal = balanced_accuracy(part.reset_index())
         # "Not" is another quantity (1 - FPR) than the deciles' recall: a point, not on the line
         ax.errorbar(pos[:1] + shift, value[:1], yerr=half[:1], fmt="s", color=color, ms=3.5,
                     capsize=2)
         ax.errorbar(pos[1:] + shift, value[1:], yerr=half[1:], fmt="o-", color=color, ms=3.5,
-                    lw=1, capsize=2, label=f"{name} error SAE ({latents} latents)")
+                    lw=1, capsize=2, label=f"{name} error SAE ({latents} latents, balanced accuracy {bal:.2f})")
     ax.set_xticks(pos, X_LABELS)
     ax.set_ylim(-0.05, 1.05)
     ax.set_xlabel("Non-activating examples, then activation decile (Q10 highest)")
