@@ -11,6 +11,7 @@ import torch
 from saeflow import toy
 from saeflow.batches import ActivationBatches
 from saeflow.sae_lens_train import SAELensTrainConfig, train_sae_lens
+from saeflow.saex_train import SaexTrainConfig, train_saex
 from saeflow.topk import TopKTrainConfig, train_topk
 
 CFG = toy.ToyConfig(d=32, n_features=64, n_tokens=32768, mean_active=3.0, seed=0)
@@ -97,6 +98,10 @@ def _train(arch: str, files, tmp_path) -> str:
         cfg = TopKTrainConfig(d_in=32, d_sae=96, k=3, total_tokens=200_000, batch_size=512,
                               lr=3e-3, lr_warmup_steps=5, dead_tokens_threshold=5000)
         train_topk(files / "acts.h5", out, cfg, tmp_path / "ck", progress=False)
+    elif arch == "saex":  # ReLU + L1 with saex's defaults (scale s, beta1 0, update projection)
+        cfg = SaexTrainConfig(d_in=32, d_sae=96, total_tokens=400_000, batch_size=512,
+                              sparsity_coefficient=0.35, lr=3e-3, lr_warmup_steps=5)
+        train_saex(files / "acts.h5", out, cfg, tmp_path / "ck", progress=False)
     else:
         cfg = SAELensTrainConfig(architecture=arch, d_in=32, d_sae=96, batch_size=512,
                                  total_tokens=400_000 if arch == "batchtopk" else 200_000,
@@ -105,7 +110,7 @@ def _train(arch: str, files, tmp_path) -> str:
     return str(out)
 
 
-@pytest.mark.parametrize("arch", ["topk", *SAE_LENS_ARCHS])
+@pytest.mark.parametrize("arch", ["topk", "saex", *SAE_LENS_ARCHS])
 def test_every_architecture_recovers_the_dictionary(arch, toy_files, tmp_path):
     """MMCS >= 0.9 at (about) the true L0 of ~3 active features per token."""
     cfg, truth, _ = toy.read_toy(toy_files / "dictionary.h5")
