@@ -344,6 +344,7 @@ def train_saex(
     ckpt = Path(checkpoint_dir) / CHECKPOINT_FILE
     ckpt.parent.mkdir(parents=True, exist_ok=True)
     log = Path(log_path) if log_path else ckpt.with_name("train_log.csv")
+    log.parent.mkdir(parents=True, exist_ok=True)
     kw = {} if cfg.buffer_tokens is None else {"buffer_tokens": cfg.buffer_tokens}
     end = cfg.total_steps if stop_after_steps is None else min(stop_after_steps, cfg.total_steps)
     with ActivationBatches(acts_path, cfg.batch_size, cfg.seed, **kw) as batches:

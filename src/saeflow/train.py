@@ -177,6 +177,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", help="corpus (default: the acts file's 'corpus')")
     p.add_argument("--buffer-tokens", type=_positive_int, help="shuffle buffer of the batch stream")
     p.add_argument("--log-every-steps", type=_positive_int, help="CSV log interval")
+    p.add_argument(
+        "--train-log",
+        help="where the CSV training log goes (the rules: logs/train_sae/{sae_id}.train_log.csv; "
+        "default: the trainer's own place)",
+    )
     p.add_argument("--device", help=f"{DEVICE_HELP} (default: cpu)")
     p.add_argument(
         "--threads", type=_positive_int, help="torch CPU threads (pass the rule's {threads})"
@@ -360,15 +365,20 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     progress = not args.no_progress
     if args.architecture == "topk":
         summary = train_topk(
-            args.acts, args.out, topk_config(args, info), args.checkpoint_dir, progress=progress
-        )
+            args.acts, args.out, topk_config(args, info), args.checkpoint_dir, progress=progress,
+            log_path=args.train_log,
+        )  # fmt: skip
     elif args.architecture == "saex":
         summary = train_saex(
-            args.acts, args.out, saex_config(args, info), args.checkpoint_dir, progress=progress
-        )
+            args.acts, args.out, saex_config(args, info), args.checkpoint_dir, progress=progress,
+            log_path=args.train_log,
+        )  # fmt: skip
     else:
         cfg = sae_lens_config(args, info)
-        summary = train_sae_lens(args.acts, args.out, cfg, args.checkpoint_dir, progress=progress)
+        summary = train_sae_lens(
+            args.acts, args.out, cfg, args.checkpoint_dir, progress=progress,
+            log_path=args.train_log,
+        )  # fmt: skip
     print(json.dumps(summary, sort_keys=True, default=str))
     return summary
 

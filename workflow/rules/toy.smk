@@ -49,6 +49,7 @@ rule train_toy_sae:
     shell:
         "python -m saeflow.train --acts {input.acts} --out toy/{wildcards.toy}/saes/{wildcards.variant}"
         " --checkpoint-dir checkpoints/toy/{wildcards.toy}/{wildcards.variant} {params.args}"
+        " --train-log logs/train_sae/toy/{wildcards.toy}/{wildcards.variant}.train_log.csv"
         " --seed {params.seed} --threads {threads} --no-progress > {log} 2>&1"
 
 
