@@ -509,16 +509,16 @@ def train_sae_lens(
         if cfg.normalize_activations != "none":
             norm_batches = stack.enter_context(_batches(acts_path, cfg, cfg.seed + 1))
         state = fit(cfg, batches, checkpoint_dir, norm_batches, progress)
-    log_path = Path(checkpoint_dir) / LOG_FILE
-    last = _last_row(log_path)
+    run_log = Path(checkpoint_dir) / LOG_FILE
+    last = _last_row(run_log)
     finalize(state, cfg, last)
     with atomic_path(out_dir) as tmp:
         state.sae.save_inference_model(tmp)
-        shutil.copyfile(log_path, tmp / LOG_FILE)
+        shutil.copyfile(run_log, tmp / LOG_FILE)
     if log_path is not None:
         Path(log_path).parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(log_path) as tmp:
-            shutil.copyfile(Path(checkpoint_dir) / LOG_FILE, tmp)
+            shutil.copyfile(run_log, tmp)
     (Path(checkpoint_dir) / CHECKPOINT_FILE).unlink(missing_ok=True)
     return {
         "architecture": cfg.architecture,
