@@ -27,6 +27,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Self
 
+import h5py
 import numpy as np
 import torch
 from torch import Tensor
@@ -63,7 +64,9 @@ class ActivationBatches:
         self.batch_size = batch_size
         self.seed = seed
         self._h5 = open_checked(self.path, {"acts": (None, None)})
-        self._acts = self._h5["acts"]
+        acts = self._h5["acts"]
+        assert isinstance(acts, h5py.Dataset)  # open_checked checked its shape
+        self._acts: h5py.Dataset = acts
         self.n_tokens, self.d = (int(n) for n in self._acts.shape)
         if self.n_tokens == 0:
             self._h5.close()

@@ -210,7 +210,8 @@ def build_training_sae(cfg: SAELensTrainConfig) -> TrainingSAE[Any]:
         d_sae=cfg.d_sae,
         dtype="float32",
         device=cfg.device,
-        normalize_activations=cfg.normalize_activations,
+        # checked against SAELens's choices in __post_init__
+        normalize_activations=cfg.normalize_activations,  # type: ignore[arg-type]
         metadata=metadata,
         **kwargs,
     )
@@ -492,11 +493,15 @@ def train_sae_lens(
     cfg: SAELensTrainConfig,
     checkpoint_dir: str | os.PathLike[str],
     progress: bool = True,
+    *,
+    log_path: str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
     """Train an SAE on an activations file and save it in the SAELens layout into ``out_dir``.
 
     Resumes from ``checkpoint_dir`` when it holds a checkpoint of the same configuration; removes
-    the checkpoint once ``out_dir`` is in place. Returns a summary of the run.
+    the checkpoint once ``out_dir`` is in place. The CSV log is written in ``checkpoint_dir``,
+    copied into ``out_dir`` and, when given, to ``log_path`` (the rules' place for every
+    trainer's log). Returns a summary of the run.
     """
     with contextlib.ExitStack() as stack:
         batches = stack.enter_context(_batches(acts_path, cfg, cfg.seed))
@@ -504,12 +509,16 @@ def train_sae_lens(
         if cfg.normalize_activations != "none":
             norm_batches = stack.enter_context(_batches(acts_path, cfg, cfg.seed + 1))
         state = fit(cfg, batches, checkpoint_dir, norm_batches, progress)
-    log_path = Path(checkpoint_dir) / LOG_FILE
-    last = _last_row(log_path)
+    run_log = Path(checkpoint_dir) / LOG_FILE
+    last = _last_row(run_log)
     finalize(state, cfg, last)
     with atomic_path(out_dir) as tmp:
         state.sae.save_inference_model(tmp)
-        shutil.copyfile(log_path, tmp / LOG_FILE)
+        shutil.copyfile(run_log, tmp / LOG_FILE)
+    if log_path is not None:
+        Path(log_path).parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(log_path) as tmp:
+            shutil.copyfile(run_log, tmp)
     (Path(checkpoint_dir) / CHECKPOINT_FILE).unlink(missing_ok=True)
     return {
         "architecture": cfg.architecture,

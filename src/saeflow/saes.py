@@ -42,8 +42,9 @@ SWEEP_KEY = {
     "standard": "l1_coefficient",
     "gated": "l1_coefficient",
     "jumprelu": "l0_coefficient",
+    "saex": "sparsity_coefficient",
 }
-_ID_TAG = {"k": "k", "l1_coefficient": "l1_", "l0_coefficient": "l0_"}
+_ID_TAG = {"k": "k", "l1_coefficient": "l1_", "l0_coefficient": "l0_", "sparsity_coefficient": "s"}
 # Scalar keys a family may carry, passed through to every member. Apart from model, corpus and
 # site, each is a flag of python -m saeflow.train with '-' for '_' (lr_warmup_steps ->
 # --lr-warmup-steps); the config schema's checkpoint_every is --checkpoint-every.
@@ -52,7 +53,15 @@ _COMMON_KEYS = {
     "lr_warmup_steps",
 }  # fmt: skip
 _SAE_LENS_KEYS = {"lr_decay_steps", "normalize_activations", "dead_feature_window"}
+# saeflow.train's saex flags (saeflow.saex_train.SaexTrainConfig)
+_SAEX_KEYS = {
+    "sparsity_loss", "recip_eps", "recip_anneal_steps", "tanh_stretch", "decoder_norm_weighted",
+    "per_latent_scale", "restrict_dec_norm", "project_decoder", "ghost_grads",
+    "dead_after_steps", "input_norm", "encoder_init", "decoder_init", "b_dec_init",
+    "adam_beta1", "adam_beta2", "clip_grad_norm",
+}  # fmt: skip
 _ARCH_KEYS: dict[str, set[str]] = {
+    "saex": _SAEX_KEYS,
     "topk": {"auxk_coef", "k_aux", "dead_tokens_threshold"},
     "batchtopk": _SAE_LENS_KEYS | {"aux_loss_coefficient", "topk_threshold_lr"},
     "standard": _SAE_LENS_KEYS | {"l1_warm_up_steps"},
@@ -247,7 +256,7 @@ def _check_number(name: str, key: str, value: Any, integer: bool, zero_ok: bool)
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m saeflow.saes", description=__doc__.split("\n")[0]
+        prog="python -m saeflow.saes", description=(__doc__ or "").split("\n")[0]
     )
     sub = parser.add_subparsers(dest="command", required=True)
     imp = sub.add_parser("import", help="import a pretrained SAE into the SAELens layout")

@@ -59,7 +59,7 @@ from saeflow.h5io import InputFileError, atomic_path
 
 CHECKPOINT_FILE = "topk_checkpoint.pt"
 CHECKPOINT_FORMAT = 1
-LOG_COLUMNS = (
+LOG_COLUMNS: tuple[str, ...] = (
     "step", "tokens", "loss", "fvu", "auxk_loss", "l0", "dead_fraction", "lr", "tokens_per_s"
 )  # fmt: skip
 
@@ -491,6 +491,7 @@ def train_topk(
     """
     out_dir, ckpt = Path(out_dir), Path(checkpoint_dir) / CHECKPOINT_FILE
     log_path = Path(log_path) if log_path else out_dir.with_name(out_dir.name + ".train_log.csv")
+    log_path.parent.mkdir(parents=True, exist_ok=True)
     batch_kw = {} if cfg.buffer_tokens is None else {"buffer_tokens": cfg.buffer_tokens}
     with ActivationBatches(acts_path, cfg.batch_size, cfg.seed, **batch_kw) as batches:
         if batches.d != cfg.d_in:
@@ -537,7 +538,8 @@ def _run(
         at_checkpoint = state.step % cfg.checkpoint_every_steps == 0
         if state.step % cfg.log_every_steps == 0 or at_checkpoint or state.step == end:
             log.write(meter.row(state, cfg))
-            bar.set_postfix(fvu=f"{float(log.last['fvu']):.4f}", dead=log.last["dead_fraction"])
+            last = log.last or {}
+            bar.set_postfix(fvu=f"{float(last['fvu']):.4f}", dead=last["dead_fraction"])
         if at_checkpoint or state.step == end < cfg.total_steps:
             save_checkpoint(ckpt, state, batches, cfg)
     bar.close()

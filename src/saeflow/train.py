@@ -1,12 +1,13 @@
 """Stage module: train one SAE on a cached activations file.
 
     python -m saeflow.train --acts acts/{model}/{corpus}/{site}.h5 --out saes/{sae_id} \\
-        --architecture {topk,batchtopk,standard,jumprelu,gated} --d-sae N \\
-        [--k N | --l1-coefficient F | --l0-coefficient F] [--lr F] \\
+        --architecture {topk,batchtopk,standard,jumprelu,gated,saex} --d-sae N \\
+        [--k N | --l1-coefficient F | --l0-coefficient F | --sparsity-coefficient F] [--lr F] \\
         --batch-size N --tokens N --seed S --checkpoint-dir DIR [options]
 
 topk goes to saeflow.topk (sparse-decoder TopK trainer); the other architectures go to
-saeflow.sae_lens_train (SAELens's training classes). Argument combinations and the activations
+saeflow.sae_lens_train (SAELens's training classes); saex goes to saeflow.saex_train (a ReLU
+SAE with saex's techniques, saved as a SAELens standard SAE). Argument combinations and the activations
 file are checked before any work starts. The output folder is in the SAELens layout.
 """
 
@@ -18,14 +19,16 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+import h5py
 import torch
 
 from saeflow.device import DEVICE_HELP, resolve_device
 from saeflow.h5io import InputFileError, open_checked
 from saeflow.sae_lens_train import SAELensTrainConfig, train_sae_lens
+from saeflow.saex_train import SaexTrainConfig, train_saex
 from saeflow.topk import TopKTrainConfig, train_topk
 
-ARCHITECTURES = ("topk", "batchtopk", "standard", "jumprelu", "gated")
+ARCHITECTURES = ("topk", "batchtopk", "standard", "jumprelu", "gated", "saex")
 SAE_LENS = ("batchtopk", "standard", "jumprelu", "gated")
 # The sparsity argument each architecture requires.
 REQUIRED = {
@@ -34,6 +37,27 @@ REQUIRED = {
     "standard": "l1_coefficient",
     "gated": "l1_coefficient",
     "jumprelu": "l0_coefficient",
+    "saex": "sparsity_coefficient",
+}
+# saex's techniques (saeflow.saex_train.SaexTrainConfig fields; each documents its source).
+SAEX_OPTIONS: dict[str, Any] = {
+    "sparsity_loss": ("l1", "l1_sqrt", "tanh", "hoyer", "recip"),
+    "recip_eps": float,
+    "recip_anneal_steps": int,
+    "tanh_stretch": float,
+    "decoder_norm_weighted": bool,
+    "per_latent_scale": bool,
+    "restrict_dec_norm": ("exact", "lte", "none"),
+    "project_decoder": ("none", "grads", "updates"),
+    "ghost_grads": bool,
+    "dead_after_steps": int,
+    "input_norm": ("none", "wes", "wes-mean"),
+    "encoder_init": ("kaiming", "orthogonal"),
+    "decoder_init": ("tied", "orthogonal", "pseudoinverse"),
+    "b_dec_init": ("zeros", "mean", "geom_median"),
+    "adam_beta1": float,
+    "adam_beta2": float,
+    "clip_grad_norm": float,
 }
 # Optional arguments that apply only to some architectures (dest -> architectures).
 ONLY_FOR: dict[str, tuple[str, ...]] = {
@@ -51,6 +75,8 @@ ONLY_FOR: dict[str, tuple[str, ...]] = {
     "jumprelu_bandwidth": ("jumprelu",),
     "jumprelu_sparsity_loss_mode": ("jumprelu",),
     "pre_act_loss_coefficient": ("jumprelu",),
+    "sparsity_coefficient": ("saex",),
+    **{name: ("saex",) for name in SAEX_OPTIONS},
     "lr_decay_steps": SAE_LENS,
     "normalize_activations": SAE_LENS,
     "dead_feature_window": SAE_LENS,
@@ -94,8 +120,29 @@ def _nonnegative_float(text: str) -> float:
     return value
 
 
+def _boolean(text: str) -> bool:
+    if text.lower() in ("true", "1", "yes"):
+        return True
+    if text.lower() in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"must be true or false, got {text}")
+
+
+def _add_saex_arguments(p: argparse.ArgumentParser) -> None:
+    saex = p.add_argument_group("saex (saeflow.saex_train: ReLU SAE with saex's techniques)")
+    saex.add_argument("--sparsity-coefficient", type=_nonnegative_float, help="penalty weight")
+    for name, kind in SAEX_OPTIONS.items():
+        flag = f"--{name.replace('_', '-')}"
+        if isinstance(kind, tuple):
+            saex.add_argument(flag, choices=kind)
+        else:
+            saex.add_argument(flag, type=_boolean if kind is bool else kind)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m saeflow.train", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m saeflow.train", description=(__doc__ or "").split("\n")[0]
+    )
     p.add_argument(
         "--acts", required=True, help="activations file (acts/{model}/{corpus}/{site}.h5)"
     )
@@ -130,6 +177,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", help="corpus (default: the acts file's 'corpus')")
     p.add_argument("--buffer-tokens", type=_positive_int, help="shuffle buffer of the batch stream")
     p.add_argument("--log-every-steps", type=_positive_int, help="CSV log interval")
+    p.add_argument(
+        "--train-log",
+        help="where the CSV training log goes (the rules: logs/train_sae/{sae_id}.train_log.csv; "
+        "default: the trainer's own place)",
+    )
     p.add_argument("--device", help=f"{DEVICE_HELP} (default: cpu)")
     p.add_argument(
         "--threads", type=_positive_int, help="torch CPU threads (pass the rule's {threads})"
@@ -159,6 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     sl.add_argument("--jumprelu-bandwidth", type=_positive_float)
     sl.add_argument("--jumprelu-sparsity-loss-mode", choices=("step", "tanh"))
     sl.add_argument("--pre-act-loss-coefficient", type=float)
+    _add_saex_arguments(p)
     return p
 
 
@@ -183,7 +236,9 @@ def validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
 def read_acts_info(path: str, batch_size: int) -> dict[str, Any]:
     """d_in, token count and provenance attributes of a checked activations file."""
     with open_checked(path, {"acts": (None, None)}) as h5:
-        n_tokens, d_in = h5["acts"].shape
+        acts = h5["acts"]
+        assert isinstance(acts, h5py.Dataset)  # open_checked checked its shape
+        n_tokens, d_in = acts.shape
         attrs = {key: _text(h5.attrs.get(key)) for key in ("site", "model", "corpus")}
     if n_tokens < batch_size:
         raise InputFileError(
@@ -219,6 +274,30 @@ def topk_config(args: argparse.Namespace, info: dict[str, Any]) -> TopKTrainConf
             "auxk_coef",
             "k_aux",
             "dead_tokens_threshold",
+            "lr_warmup_steps",
+            "checkpoint_every_steps",
+            "log_every_steps",
+            "buffer_tokens",
+            "device",
+        ),
+    )
+
+
+def saex_config(args: argparse.Namespace, info: dict[str, Any]) -> SaexTrainConfig:
+    return SaexTrainConfig(
+        d_in=info["d_in"],
+        d_sae=info["d_sae"],
+        total_tokens=args.tokens,
+        sparsity_coefficient=args.sparsity_coefficient,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        hook_name=args.hook_name,
+        model_name=args.model_name,
+        dataset=args.dataset,
+        **_given(
+            args,
+            *SAEX_OPTIONS,
+            "lr",
             "lr_warmup_steps",
             "checkpoint_every_steps",
             "log_every_steps",
@@ -286,11 +365,20 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     progress = not args.no_progress
     if args.architecture == "topk":
         summary = train_topk(
-            args.acts, args.out, topk_config(args, info), args.checkpoint_dir, progress=progress
-        )
+            args.acts, args.out, topk_config(args, info), args.checkpoint_dir, progress=progress,
+            log_path=args.train_log,
+        )  # fmt: skip
+    elif args.architecture == "saex":
+        summary = train_saex(
+            args.acts, args.out, saex_config(args, info), args.checkpoint_dir, progress=progress,
+            log_path=args.train_log,
+        )  # fmt: skip
     else:
         cfg = sae_lens_config(args, info)
-        summary = train_sae_lens(args.acts, args.out, cfg, args.checkpoint_dir, progress=progress)
+        summary = train_sae_lens(
+            args.acts, args.out, cfg, args.checkpoint_dir, progress=progress,
+            log_path=args.train_log,
+        )  # fmt: skip
     print(json.dumps(summary, sort_keys=True, default=str))
     return summary
 

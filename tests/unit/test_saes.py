@@ -121,7 +121,9 @@ def trained(acts_file: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[s
 
 def eval_acts(acts_file: Path) -> torch.Tensor:
     with h5py.File(acts_file) as h5:
-        return torch.from_numpy(h5["acts"][:2048])
+        acts = h5["acts"]
+        assert isinstance(acts, h5py.Dataset)
+        return torch.from_numpy(acts[:2048])
 
 
 def mse(sae: SAE[Any], x: torch.Tensor) -> float:

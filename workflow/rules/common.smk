@@ -111,6 +111,7 @@ def all_targets():
         targets += EFFECT_TABLES
     if config.get("autointerp", {}).get("base_sae"):
         targets.append("plots/figure8.pdf")
+    targets += toy_targets()  # toy.smk, included after this file: called only by rule all
     return targets
 
 

@@ -48,6 +48,7 @@ rule train_sae:
     shell:
         "python -m saeflow.train --acts {input.acts} --out saes/{wildcards.sae_id}"
         " --checkpoint-dir checkpoints/{wildcards.sae_id} {params.args}"
+        " --train-log logs/train_sae/{wildcards.sae_id}.train_log.csv"
         " --hook-name {params.site} --model-name {params.model} --threads {threads}"
         " --device auto > {log} 2>&1"
 
