@@ -20,7 +20,9 @@ from saeflow.mlsae.math import (
     standardise,
     summarise_dists,
 )
+from saeflow.mlsae.pretrained import main as import_main
 from saeflow.mlsae.trainer import MLSAETrainConfig, load_mlsae, load_original, train_mlsae
+from saeflow.saes import ImportSAEError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -149,3 +151,26 @@ def test_layer_files_must_agree(tmp_path: Path) -> None:
                            batch_size=10)
     with pytest.raises(ValueError, match=r"acts is \[90, 8\], expected \[100, 8\]"):
         train_mlsae(a + b, tmp_path / "out", cfg, tmp_path / "ck", progress=False)
+
+
+def test_original_layout_imports_into_both_layouts(toy_run: dict[str, Any],
+                                                    tmp_path: Path) -> None:
+    """The pretrained path: a folder as the original's save_pretrained writes it (here saved by
+    saeflow, then stripped to the original's two files) converts to identical weights."""
+    src = tmp_path / "hub_copy"
+    src.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (src / name).write_bytes((toy_run["root"] / "sae" / "original" / name).read_bytes())
+    import_main(["--path", str(src), "--out", str(tmp_path / "imported")])
+    a, b = load_mlsae(toy_run["root"] / "sae"), load_mlsae(tmp_path / "imported")
+    for x, y in zip(a.params, b.params):
+        assert torch.equal(x, y)
+    assert (b.k, b.layers, b.standardise) == (a.k, a.layers, a.standardise)
+    assert SAE.load_from_disk(str(tmp_path / "imported")).cfg.d_sae == 96
+
+
+def test_hub_import_refuses_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ImportSAEError, match="tim-lawson/mlsae-pythia-70m-deduped-x64-k32"):
+        import_main(["--repo", "tim-lawson/mlsae-pythia-70m-deduped-x64-k32",
+                     "--out", str(tmp_path / "x")])
