@@ -65,7 +65,11 @@ def mlsae_targets():
     """What the default target builds for the MLSAEs."""
     if not MLSAES:
         return []
-    return ["tables/mlsae_metrics.csv"]
+    return [
+        "tables/mlsae_metrics.csv",
+        "plots/mlsae/fvu_layers.pdf",
+        *[f"plots/mlsae/dists_heatmap_{i}.pdf" for i in sorted(MLSAES)],
+    ]
 
 
 rule cache_mlsae_activations:
@@ -223,3 +227,35 @@ rule mlsae_tables:
         "python -m saeflow.mlsae.evaluate table --summaries {input.summaries}"
         " --layer-csvs {input.layers} --variances {input.variances} --out {output.table}"
         " --out-layers {output.layers} --out-variances {output.variances} > {log} 2>&1"
+
+
+rule plot_mlsae_dists:
+    input:
+        dists="mlsae/eval/{mlsae_id}/dists.safetensors",
+    output:
+        csv="plots/mlsae/dists_heatmap_{mlsae_id}.csv",
+        pdf="plots/mlsae/dists_heatmap_{mlsae_id}.pdf",
+    wildcard_constraints:
+        mlsae_id=alternation(sorted(MLSAES)),
+    params:
+        code=code_version("figures.mlsae", "figures.pdf", "mlsae.math"),
+    log:
+        "logs/plot_mlsae_dists/{mlsae_id}.log",
+    shell:
+        "python -m saeflow.figures.mlsae dists --dists {input.dists}"
+        " --sae-id {wildcards.mlsae_id} --csv {output.csv} --pdf {output.pdf} > {log} 2>&1"
+
+
+rule plot_mlsae_fvu:
+    input:
+        layers="tables/mlsae_layers.csv",
+    output:
+        csv="plots/mlsae/fvu_layers.csv",
+        pdf="plots/mlsae/fvu_layers.pdf",
+    params:
+        code=code_version("figures.mlsae", "figures.pdf"),
+    log:
+        "logs/plot_mlsae_fvu/fvu.log",
+    shell:
+        "python -m saeflow.figures.mlsae fvu --layers {input.layers} --csv {output.csv}"
+        " --pdf {output.pdf} > {log} 2>&1"
