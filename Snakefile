@@ -27,6 +27,7 @@ include: "workflow/rules/cross_site.smk"
 include: "workflow/rules/figures.smk"
 include: "workflow/rules/autointerp.smk"
 include: "workflow/rules/toy.smk"
+include: "workflow/rules/mlsae.smk"
 
 
 rule all:

@@ -112,6 +112,7 @@ def all_targets():
     if config.get("autointerp", {}).get("base_sae"):
         targets.append("plots/figure8.pdf")
     targets += toy_targets()  # toy.smk, included after this file: called only by rule all
+    targets += mlsae_targets()  # workflow/rules/mlsae.smk
     return targets
 
 

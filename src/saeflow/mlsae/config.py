@@ -1,0 +1,78 @@
+"""The ``mlsae`` config section: checks and the expansion of its sweep into one entry per MLSAE.
+
+``mlsae.expansion_factors`` x ``mlsae.k`` expands to ids ``mlsae-x{R}-k{k}``; every MLSAE reads
+``hook_resid_post`` of layers ``first_layer..last_layer`` of ``mlsae.model`` (all layers when
+``last_layer`` is null).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from saeflow.models import describe
+
+
+class MLSAEConfigError(ValueError):
+    """The mlsae section is inconsistent; the message names the key."""
+
+
+def enabled(config: dict) -> bool:
+    section = config.get("mlsae", {})
+    return bool(section.get("expansion_factors") or section.get("pretrained"))
+
+
+def layers(config: dict) -> list[int]:
+    """The layers every MLSAE reads, checked against the model's depth."""
+    section = config["mlsae"]
+    model = section["model"]
+    if model not in config["models"]:
+        raise MLSAEConfigError(f"mlsae.model: '{model}' is not declared under 'models'")
+    dims = describe(config["models"][model]["path"])
+    first, last = section["first_layer"], section["last_layer"]
+    if last is None:
+        if dims is None:
+            raise MLSAEConfigError("mlsae.last_layer: give it when the model's depth is not "
+                                   "known offline")
+        last = dims[0] - 1
+    if dims is not None and not 0 <= first <= last < dims[0]:
+        raise MLSAEConfigError(f"mlsae.first_layer/last_layer: {first}..{last} is not a range "
+                               f"of model '{model}' layers 0..{dims[0] - 1}")
+    if first > last:
+        raise MLSAEConfigError(f"mlsae.first_layer ({first}) is after last_layer ({last})")
+    return list(range(first, last + 1))
+
+
+def sites(config: dict) -> list[str]:
+    return [f"blocks.{layer}.hook_resid_post" for layer in layers(config)]
+
+
+def d_model(config: dict) -> int:
+    dims = describe(config["models"][config["mlsae"]["model"]]["path"])
+    if dims is None:
+        raise MLSAEConfigError("mlsae.model: its d_model is not known offline")
+    return dims[1]
+
+
+def mlsae_table(config: dict) -> dict[str, dict[str, Any]]:
+    """Every trained MLSAE by id: expansion factor, k and the training knobs."""
+    if not enabled(config):
+        return {}
+    section = config["mlsae"]
+    for key in ("corpus", "eval_corpus"):
+        if section[key] not in config["corpora"]:
+            raise MLSAEConfigError(f"mlsae.{key}: '{section[key]}' is not declared under "
+                                   "'corpora'")
+    table: dict[str, dict[str, Any]] = {}
+    for factor in section["expansion_factors"]:
+        for k in section["k"]:
+            table[f"mlsae-x{factor}-k{k}"] = {"kind": "trained", "expansion_factor": factor,
+                                              "k": k}
+    for sae_id, entry in section.get("pretrained", {}).items():
+        if sae_id in table:
+            raise MLSAEConfigError(f"mlsae.pretrained.{sae_id}: id also produced by the sweep")
+        if ("repo" in entry) == ("path" in entry):
+            raise MLSAEConfigError(f"mlsae.pretrained.{sae_id}: give exactly one of 'repo' "
+                                   "and 'path'")
+        table[sae_id] = {"kind": "pretrained", **entry}
+    return table
+

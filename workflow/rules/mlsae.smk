@@ -1,0 +1,261 @@
+# Multi-layer SAEs (saeflow.mlsae): every layer's residual stream of the MLSAE corpora cached by
+# saeflow.activations (under mlsae/acts/, so the spine's caches keep their sites), one training
+# and one evaluation job per MLSAE of the expansion factor x k sweep, and the tables.
+from saeflow.mlsae import config as mlsae_config
+
+MLSAES = mlsae_config.mlsae_table(config)
+MLSAE = config.get("mlsae", {})
+MLSAE_SITES = mlsae_config.sites(config) if MLSAES else []
+MLSAE_LAYERS = mlsae_config.layers(config) if MLSAES else []
+MLSAE_TRAINED = sorted(i for i, s in MLSAES.items() if s["kind"] == "trained")
+MLSAE_PRETRAINED = sorted(i for i, s in MLSAES.items() if s["kind"] == "pretrained")
+
+
+def mlsae_acts(corpus):
+    return [f"mlsae/acts/{MLSAE['model']}/{corpus}/{s}.h5" for s in MLSAE_SITES]
+
+
+def mlsae_cache_args(wildcards, output):
+    return " ".join(f"--site {s} --out {o}" for s, o in zip(MLSAE_SITES, output))
+
+
+def mlsae_model_files(wildcards):
+    return model_files(MLSAE["model"])
+
+
+def mlsae_model_path(wildcards):
+    return model_path(MLSAE["model"])
+
+
+def mlsae_model_mem_mb(wildcards):
+    return config["models"][MLSAE["model"]]["mem_mb"]
+
+
+def mlsae_train_acts(wildcards):
+    return mlsae_acts(MLSAE["corpus"])
+
+
+def mlsae_eval_acts(wildcards):
+    return mlsae_acts(MLSAE["eval_corpus"])
+
+
+def mlsae_train_args(wildcards):
+    """Every training knob of one MLSAE as flags (a change reruns exactly it)."""
+    sae = MLSAES[wildcards.mlsae_id]
+    flags = [
+        f"--expansion-factor {sae['expansion_factor']} --k {sae['k']}",
+        f"--tokens {MLSAE['tokens']} --batch-size {MLSAE['batch_size']}",
+        f"--lr-warmup-steps {MLSAE['lr_warmup_steps']} --k-aux {MLSAE['k_aux']}",
+        f"--dead-tokens {MLSAE['dead_tokens']} --seed {MLSAE['seed']}",
+        f"--buffer-tokens {MLSAE['buffer_tokens']}",
+        f"--checkpoint-every {MLSAE['checkpoint_every']}",
+    ]
+    if MLSAE["lr"] is not None:
+        flags.append(f"--lr {MLSAE['lr']}")
+    if not MLSAE["standardise"]:
+        flags.append("--no-standardise")
+    return " ".join(flags)
+
+
+def mlsae_layer_args(wildcards):
+    return " ".join(str(layer) for layer in MLSAE_LAYERS)
+
+
+def mlsae_targets():
+    """What the default target builds for the MLSAEs."""
+    if not MLSAES:
+        return []
+    return [
+        "tables/mlsae_metrics.csv",
+        "plots/mlsae/fvu_layers.pdf",
+        *[f"plots/mlsae/dists_heatmap_{i}.pdf" for i in sorted(MLSAES)],
+    ]
+
+
+rule cache_mlsae_activations:
+    input:
+        model=mlsae_model_files,
+        tokens="data/tokens/{corpus}.h5",
+    output:
+        expand("mlsae/acts/{model}/{{corpus}}/{site}.h5", model=MLSAE.get("model", "none"),
+               site=MLSAE_SITES),
+    wildcard_constraints:
+        corpus=alternation([MLSAE["corpus"], MLSAE["eval_corpus"]] if MLSAES else []),
+    params:
+        model=mlsae_model_path,
+        sites=mlsae_cache_args,
+        dtype=config["models"][MLSAE["model"]]["dtype"] if MLSAES else "float32",
+        batch_size=config["activations"]["batch_size"],
+        skip=config["activations"]["skip_positions"],
+        chunk=config["activations"]["chunk_tokens"],
+        code=code_version("activations"),
+    log:
+        "logs/cache_mlsae_activations/{corpus}.log",
+    benchmark:
+        "benchmarks/cache_mlsae_activations/{corpus}.tsv"
+    threads: 2
+    resources:
+        mem_mb=mlsae_model_mem_mb,
+        runtime=120,
+        gpu=1,
+    shell:
+        "python -m saeflow.activations cache --model {params.model} --tokens {input.tokens}"
+        " {params.sites} --batch-size {params.batch_size} --dtype {params.dtype}"
+        " --skip-positions {params.skip} --chunk-tokens {params.chunk}"
+        " --model-name {MLSAE[model]} --corpus {wildcards.corpus} --threads {threads}"
+        " --device auto > {log} 2>&1"
+
+
+rule train_mlsae:
+    input:
+        acts=mlsae_train_acts,
+    output:
+        cfg="mlsae/saes/{mlsae_id}/cfg.json",
+        weights="mlsae/saes/{mlsae_id}/sae_weights.safetensors",
+        original="mlsae/saes/{mlsae_id}/original/model.safetensors",
+    wildcard_constraints:
+        mlsae_id=alternation(MLSAE_TRAINED),
+    params:
+        args=mlsae_train_args,
+        layers=mlsae_layer_args,
+        model=MLSAE.get("model"),
+        corpus=MLSAE.get("corpus"),
+        code=code_version("mlsae.train", "mlsae.trainer", "mlsae.math", "batches", "topk"),
+    log:
+        "logs/train_mlsae/{mlsae_id}.log",
+    benchmark:
+        "benchmarks/train_mlsae/{mlsae_id}.tsv"
+    threads: 2
+    resources:
+        mem_mb=8000,
+        runtime=240,
+        gpu=1,
+    shell:
+        "python -m saeflow.mlsae.train --acts {input.acts} --layers {params.layers}"
+        " --out mlsae/saes/{wildcards.mlsae_id}"
+        " --checkpoint-dir checkpoints/mlsae/{wildcards.mlsae_id} {params.args}"
+        " --model-name {params.model} --dataset {params.corpus} --threads {threads}"
+        " --device auto > {log} 2>&1"
+
+
+def mlsae_import_args(wildcards):
+    entry = MLSAES[wildcards.mlsae_id]
+    if "path" in entry:
+        return f"--path {os.path.join(REPO, entry['path'])}"
+    return f"--repo {entry['repo']}"
+
+
+rule import_mlsae:
+    output:
+        cfg="mlsae/saes/{mlsae_id}/cfg.json",
+        weights="mlsae/saes/{mlsae_id}/sae_weights.safetensors",
+        original="mlsae/saes/{mlsae_id}/original/model.safetensors",
+    wildcard_constraints:
+        mlsae_id=alternation(MLSAE_PRETRAINED),
+    params:
+        args=mlsae_import_args,
+        code=code_version("mlsae.pretrained", "mlsae.trainer"),
+    log:
+        "logs/import_mlsae/{mlsae_id}.log",
+    resources:
+        mem_mb=4000,
+        runtime=60,
+    shell:
+        "python -m saeflow.mlsae.pretrained {params.args} --out mlsae/saes/{wildcards.mlsae_id}"
+        " > {log} 2>&1"
+
+
+rule evaluate_mlsae:
+    input:
+        cfg="mlsae/saes/{mlsae_id}/cfg.json",
+        weights="mlsae/saes/{mlsae_id}/sae_weights.safetensors",
+        acts=mlsae_eval_acts,
+        tokens=f"data/tokens/{MLSAE.get('eval_corpus')}.h5",
+        model=mlsae_model_files,
+    output:
+        layers="mlsae/eval/{mlsae_id}/layers.csv",
+        summary="mlsae/eval/{mlsae_id}/summary.json",
+        dists="mlsae/eval/{mlsae_id}/dists.safetensors",
+        variances="mlsae/eval/{mlsae_id}/variances.csv",
+    wildcard_constraints:
+        mlsae_id=alternation(sorted(MLSAES)),
+    params:
+        model=mlsae_model_path,
+        layers=mlsae_layer_args,
+        downstream_seqs=MLSAE.get("downstream_seqs"),
+        batch_size=MLSAE.get("batch_size_eval"),
+        chunk=MLSAE.get("chunk_tokens"),
+        skip=config["activations"]["skip_positions"],
+        code=code_version("mlsae.evaluate", "mlsae.math", "mlsae.trainer", "metrics"),
+    log:
+        "logs/evaluate_mlsae/{mlsae_id}.log",
+    benchmark:
+        "benchmarks/evaluate_mlsae/{mlsae_id}.tsv"
+    threads: 2
+    resources:
+        mem_mb=mlsae_model_mem_mb,
+        runtime=60,
+        gpu=1,
+    shell:
+        "python -m saeflow.mlsae.evaluate run --sae mlsae/saes/{wildcards.mlsae_id}"
+        " --acts {input.acts} --layers {params.layers} --model {params.model}"
+        " --tokens {input.tokens} --sae-id {wildcards.mlsae_id}"
+        " --downstream-seqs {params.downstream_seqs} --batch-size {params.batch_size}"
+        " --skip-positions {params.skip} --chunk-tokens {params.chunk}"
+        " --layer-csv {output.layers} --summary {output.summary} --dists {output.dists}"
+        " --variances {output.variances} --threads {threads} --device auto > {log} 2>&1"
+
+
+def mlsae_eval_files(kind):
+    return [f"mlsae/eval/{i}/{kind}" for i in sorted(MLSAES)]
+
+
+rule mlsae_tables:
+    input:
+        summaries=mlsae_eval_files("summary.json"),
+        layers=mlsae_eval_files("layers.csv"),
+        variances=mlsae_eval_files("variances.csv"),
+    output:
+        table="tables/mlsae_metrics.csv",
+        layers="tables/mlsae_layers.csv",
+        variances="tables/mlsae_variances.csv",
+    params:
+        code=code_version("mlsae.evaluate"),
+    log:
+        "logs/mlsae_tables/tables.log",
+    shell:
+        "python -m saeflow.mlsae.evaluate table --summaries {input.summaries}"
+        " --layer-csvs {input.layers} --variances {input.variances} --out {output.table}"
+        " --out-layers {output.layers} --out-variances {output.variances} > {log} 2>&1"
+
+
+rule plot_mlsae_dists:
+    input:
+        dists="mlsae/eval/{mlsae_id}/dists.safetensors",
+    output:
+        csv="plots/mlsae/dists_heatmap_{mlsae_id}.csv",
+        pdf="plots/mlsae/dists_heatmap_{mlsae_id}.pdf",
+    wildcard_constraints:
+        mlsae_id=alternation(sorted(MLSAES)),
+    params:
+        code=code_version("figures.mlsae", "figures.pdf", "mlsae.math"),
+    log:
+        "logs/plot_mlsae_dists/{mlsae_id}.log",
+    shell:
+        "python -m saeflow.figures.mlsae dists --dists {input.dists}"
+        " --sae-id {wildcards.mlsae_id} --csv {output.csv} --pdf {output.pdf} > {log} 2>&1"
+
+
+rule plot_mlsae_fvu:
+    input:
+        layers="tables/mlsae_layers.csv",
+    output:
+        csv="plots/mlsae/fvu_layers.csv",
+        pdf="plots/mlsae/fvu_layers.pdf",
+    params:
+        code=code_version("figures.mlsae", "figures.pdf"),
+    log:
+        "logs/plot_mlsae_fvu/fvu.log",
+    shell:
+        "python -m saeflow.figures.mlsae fvu --layers {input.layers} --csv {output.csv}"
+        " --pdf {output.pdf} > {log} 2>&1"
