@@ -161,9 +161,30 @@ def downstream_loss(sae, model, site: str, tokens: np.ndarray, skip: int, batch_
     return means
 
 
-def summarize(metrics_paths: Sequence[str], out: str) -> pd.DataFrame:
-    """One row per SAE from its metrics files, sorted by SAE id, written as CSV."""
-    rows = [json.loads(Path(p).read_text()) for p in metrics_paths]
+def error_sae_row(cfg_path: str | Path) -> dict:
+    """A table row for an error SAE of Figure 8 (``saes/{base}-{component}_error/cfg.json``).
+
+    It reconstructs a part of another SAE's error, not the activations, so it has no
+    evaluation file: its numbers are the trainer's last logged window (FVU of the component,
+    dead fraction), and ``trained_on`` says what it reconstructs.
+    """
+    cfg = json.loads(Path(cfg_path).read_text())
+    meta = cfg["metadata"]
+    source, stats = meta["saeflow_error_sae"], meta.get("saeflow_train_stats", {})
+    return {"sae_id": Path(cfg_path).parent.name,
+            "trained_on": f"{source['component']} error of {source['base_sae_id']}",
+            "metrics_from": "training", "site": meta.get("hook_name"), "d_sae": cfg["d_sae"],
+            "fvu": stats.get("fvu"), "mean_l0": stats.get("l0"),
+            "dead_fraction": stats.get("dead_fraction"), "n_tokens": stats.get("tokens")}
+
+
+def summarize(metrics_paths: Sequence[str], out: str,
+              error_sae_cfgs: Sequence[str] = ()) -> pd.DataFrame:
+    """One row per SAE from its metrics files, plus one per error SAE (Figure 8) from its
+    cfg.json, sorted by SAE id, written as CSV; ``trained_on`` says what each reconstructs."""
+    rows = [{**json.loads(Path(p).read_text()), "trained_on": "activations",
+             "metrics_from": "evaluation"} for p in metrics_paths]
+    rows += [error_sae_row(p) for p in error_sae_cfgs]
     table = pd.DataFrame(rows).sort_values("sae_id").reset_index(drop=True)
     with h5io.atomic_path(out) as tmp:
         table.to_csv(tmp, index=False)
@@ -192,6 +213,8 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     s = sub.add_parser("summarize", help="collect metrics files into one CSV table")
     s.add_argument("--metrics", nargs="+", required=True, help="metrics files")
     s.add_argument("--out", required=True, help="CSV table")
+    s.add_argument("--error-saes", nargs="*", default=[],
+                   help="cfg.json of error SAEs (Figure 8), listed from their training stats")
     return parser.parse_args(argv)
 
 
@@ -216,7 +239,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.command == "evaluate":
         evaluate(args)
     else:
-        summarize(args.metrics, args.out)
+        summarize(args.metrics, args.out, args.error_saes)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,11 @@ def all_metrics(wildcards):
     return [f"sae_eval/{sae_id}/{EVAL_CORPUS}.metrics.json" for sae_id in sorted(SAES)]
 
 
+def error_sae_cfgs(wildcards):
+    """Figure 8's error SAEs (autointerp.smk's AI_SAES): rows of the table from their training."""
+    return [f"saes/{sae_id}/cfg.json" for sae_id in AI_SAES]
+
+
 rule evaluate_sae:
     input:
         sae="saes/{sae_id}/cfg.json",
@@ -48,6 +53,7 @@ rule evaluate_sae:
 rule summarize_saes:
     input:
         metrics=all_metrics,
+        error_saes=error_sae_cfgs,
     output:
         table="tables/sae_metrics.csv",
     params:
@@ -56,4 +62,4 @@ rule summarize_saes:
         "logs/summarize_saes/summary.log",
     shell:
         "python -m saeflow.sae_eval summarize --metrics {input.metrics}"
-        " --out {output.table} > {log} 2>&1"
+        " --error-saes {input.error_saes} --out {output.table} > {log} 2>&1"
