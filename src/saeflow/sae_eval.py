@@ -66,6 +66,14 @@ def encode_chunk(sae, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return latents, sae.decode(latents)
 
 
+def _ds(h5: h5py.File | h5py.Group, name: str) -> h5py.Dataset:
+    """``h5[name]`` typed as the dataset it is (h5py types it as any member kind)."""
+    member = h5[name]
+    if not isinstance(member, h5py.Dataset):
+        raise TypeError(f"{h5.file.filename}: '{name}' is not a dataset")
+    return member
+
+
 class _Outputs:
     """The per-token datasets of an evaluation file, filled chunk by chunk."""
 
@@ -92,7 +100,7 @@ class _Outputs:
                 f"mean L0 {mean_l0:.1f} on the first chunk > csr_max_l0 {self.csr_max_l0}")
             return
         self.h5.create_dataset("latent_ptr", (self.n + 1,), "int64")
-        self.h5["latent_ptr"][0] = 0
+        _ds(self.h5, "latent_ptr")[0] = 0
         for name, dtype in [("latent_idx", "int32"), ("latent_val", "float32")]:
             self.h5.create_dataset(name, (0,), dtype, maxshape=(None,), chunks=(1 << 16,))
 
@@ -101,18 +109,18 @@ class _Outputs:
         err = (recon - x).float()
         sparse = sparsify(latents)
         stop = start + len(x)
-        self.h5["error"][start:stop] = err.numpy()
-        self.h5["error_sq_norm"][start:stop] = err.pow(2).sum(-1).numpy()
-        self.h5["l0"][start:stop] = sparse.counts
-        self.h5["act_norm"][start:stop] = x.norm(dim=-1).numpy()
-        self.h5["tokens"][start:stop] = tokens
+        _ds(self.h5, "error")[start:stop] = err.numpy()
+        _ds(self.h5, "error_sq_norm")[start:stop] = err.pow(2).sum(-1).numpy()
+        _ds(self.h5, "l0")[start:stop] = sparse.counts
+        _ds(self.h5, "act_norm")[start:stop] = x.norm(dim=-1).numpy()
+        _ds(self.h5, "tokens")[start:stop] = tokens
         if self.store_csr is None:
             self._start_csr(sparse.counts)
         if self.store_csr:
-            self.h5["latent_ptr"][start + 1 : stop + 1] = self.nnz + np.cumsum(sparse.counts)
+            _ds(self.h5, "latent_ptr")[start + 1 : stop + 1] = self.nnz + np.cumsum(sparse.counts)
             for name, values in [("latent_idx", sparse.idx), ("latent_val", sparse.val)]:
-                self.h5[name].resize((self.nnz + len(values),))
-                self.h5[name][self.nnz :] = values
+                _ds(self.h5, name).resize((self.nnz + len(values),))
+                _ds(self.h5, name)[self.nnz :] = values
         self.nnz += len(sparse.idx)
         np.add.at(self.freq, sparse.idx, 1.0)
         np.add.at(self.act_sum, sparse.idx, sparse.val.astype(np.float64))
@@ -125,13 +133,14 @@ def evaluate_reconstruction(sae, acts_path: str, out_path: str, chunk: int, attr
     d_sae = sae.cfg.d_sae
     with h5io.open_checked(acts_path, datasets={"acts": (None, sae.cfg.d_in)}) as acts_file, \
             h5io.atomic_path(out_path) as tmp, h5py.File(tmp, "w") as h5:
-        acts, n = acts_file["acts"], acts_file["acts"].shape[0]
+        acts, tokens = _ds(acts_file, "acts"), _ds(acts_file, "tokens")
+        n = acts.shape[0]
         out = _Outputs(h5, n, sae.cfg.d_in, d_sae, min(chunk, n), csr_max_l0)
         stats = ReconstructionStats(sae.cfg.d_in)
         for start in tqdm(range(0, n, chunk), desc="sae eval", unit="chunk"):
             x = torch.from_numpy(acts[start : start + chunk])
             latents, recon = (t.cpu() for t in encode_chunk(sae, x.to(sae.device)))
-            out.write(start, x, recon, latents, acts_file["tokens"][start : start + chunk])
+            out.write(start, x, recon, latents, tokens[start : start + chunk])
             stats.update(x, recon, (latents != 0).sum(-1))
         h5["latent_freq"] = out.freq / n
         h5["latent_mean_act"] = np.divide(out.act_sum, out.freq, out=np.zeros(d_sae),
@@ -145,11 +154,13 @@ def evaluate_reconstruction(sae, acts_path: str, out_path: str, chunk: int, attr
 def spliced_logits(traced: NNsight, model, envoy, ids: torch.Tensor, skip: int,
                    replace) -> torch.Tensor:
     """Logits with the site's output at positions >= skip replaced by ``replace(output)``."""
+    logits = None
     with traced.trace(ids):
         out = envoy.output
         hidden = out[0] if isinstance(out, tuple) else out
         hidden[:, skip:] = replace(hidden[:, skip:])
         logits = traced.output.logits.save()
+    assert logits is not None  # set inside the trace
     return logits
 
 
@@ -242,7 +253,7 @@ def evaluate(args: argparse.Namespace) -> None:
     device = resolve_device(args.device)
     sae = load_sae(args.sae).to(device)
     with h5io.open_checked(args.tokens, datasets={"tokens": (None, None)}) as tok_file:
-        tokens = tok_file["tokens"][: args.downstream_seqs]
+        tokens = _ds(tok_file, "tokens")[: args.downstream_seqs]
     attrs = {"sae_id": args.sae_id, "site": args.site}
     metrics = evaluate_reconstruction(sae, args.acts, args.out, args.chunk_tokens, attrs,
                                       args.csr_max_l0)
