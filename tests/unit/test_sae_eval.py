@@ -108,7 +108,7 @@ def test_splicing_the_identity_recovers_clean_loss_and_zeros_match_a_hook(packag
 
 def test_csr_is_left_out_above_csr_max_l0_and_everything_else_is_unchanged(sae, acts_file,
                                                                           tmp_path):
-    path, x = acts_file
+    path, _x = acts_file
     full, light = tmp_path / "full.h5", tmp_path / "light.h5"
     kept = evaluate_reconstruction(sae, str(path), str(full), chunk=50, attrs={}, csr_max_l0=K)
     dropped = evaluate_reconstruction(sae, str(path), str(light), chunk=50, attrs={},
@@ -119,7 +119,7 @@ def test_csr_is_left_out_above_csr_max_l0_and_everything_else_is_unchanged(sae, 
         assert "latent_idx" in a.h5 and "latent_idx" not in b.h5
         for name in ("error", "error_sq_norm", "l0", "act_norm", "tokens", "latent_freq",
                      "latent_mean_act"):
-            np.testing.assert_array_equal(a.h5[name][:], b.h5[name][:])
+            np.testing.assert_array_equal(a.h5[name][()], b.h5[name][()])  # pyright: ignore[reportIndexIssue]
         with pytest.raises(KeyError, match=r"no CSR latents stored \(mean L0 4\.0 .* csr_max_l0"):
             b.latents(slice(0, 5))
     assert light.stat().st_size < full.stat().st_size
