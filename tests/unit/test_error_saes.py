@@ -5,12 +5,14 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
 from saeflow import error_saes, h5io, topk
 from saeflow.batches import ActivationBatches
 from saeflow.dark_matter.regression import F64
+from saeflow.sae_eval import summarize
 from saeflow.saes import load_sae
 
 D, M, K, N = 16, 32, 3, 3000
@@ -144,3 +146,25 @@ def test_an_interrupted_training_resumes_to_the_same_weights(setup, tmp_path, ca
     whole, resumed = topk.load_topk(tmp_path / "whole"), topk.load_topk(tmp_path / "part")
     for a, b in zip(whole.params, resumed.params):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_the_sae_table_lists_error_saes_with_what_they_reconstruct(setup, tmp_path):
+    out = tmp_path / "base-linear_error"
+    error_saes.main([
+        "train", "--acts", str(setup["acts"]), "--base-sae", str(setup["base"]),
+        "--fit", str(setup["fit"]), "--component", "linear", "--base-sae-id", "base",
+        "--out", str(out), "--checkpoint-dir", str(tmp_path / "ckpt"), "--d-sae", "32",
+        "--k", "4", "--tokens", str(256 * 10), "--batch-size", "256", "--lr-warmup-steps", "2",
+        "--hook-name", "blocks.0.hook_resid_post"])
+    metrics = tmp_path / "base.metrics.json"  # what evaluate_sae writes for the base SAE
+    metrics.write_text(json.dumps({"sae_id": "base", "fvu": 0.5, "mean_l0": float(K),
+                                   "site": "blocks.0.hook_resid_post"}))
+    table = summarize([str(metrics)], str(tmp_path / "sae_metrics.csv"), [str(out / "cfg.json")])
+    assert list(table.sae_id) == ["base", "base-linear_error"]
+    assert list(table.trained_on) == ["activations", "linear error of base"]
+    assert list(table.metrics_from) == ["evaluation", "training"]
+    last = pd.read_csv(tmp_path / "base-linear_error.train_log.csv").iloc[-1]
+    row = table.set_index("sae_id").loc["base-linear_error"]
+    assert row.fvu == pytest.approx(last.fvu) and row.d_sae == 32 and row.n_tokens == 2560
+    assert row.site == "blocks.0.hook_resid_post"
+    assert pd.read_csv(tmp_path / "sae_metrics.csv").shape == table.shape

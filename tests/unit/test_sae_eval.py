@@ -104,3 +104,22 @@ def test_splicing_the_identity_recovers_clean_loss_and_zeros_match_a_hook(packag
     handle.remove()
     assert result["ce_ablated"] == pytest.approx(ce_zero, rel=1e-6)
     assert result["ce_ablated"] > result["ce_clean"] + 1.0
+
+
+def test_csr_is_left_out_above_csr_max_l0_and_everything_else_is_unchanged(sae, acts_file,
+                                                                          tmp_path):
+    path, _x = acts_file
+    full, light = tmp_path / "full.h5", tmp_path / "light.h5"
+    kept = evaluate_reconstruction(sae, str(path), str(full), chunk=50, attrs={}, csr_max_l0=K)
+    dropped = evaluate_reconstruction(sae, str(path), str(light), chunk=50, attrs={},
+                                      csr_max_l0=K - 0.5)  # L0 is exactly K: above the limit
+    assert kept == dropped  # the metrics do not depend on what is stored
+    with load_sae_info(full) as a, load_sae_info(light) as b:
+        assert a.attrs["latents_stored"] and not b.attrs["latents_stored"]
+        assert "latent_idx" in a.h5 and "latent_idx" not in b.h5
+        for name in ("error", "error_sq_norm", "l0", "act_norm", "tokens", "latent_freq",
+                     "latent_mean_act"):
+            np.testing.assert_array_equal(a.h5[name][()], b.h5[name][()])  # pyright: ignore[reportIndexIssue]
+        with pytest.raises(KeyError, match=r"no CSR latents stored \(mean L0 4\.0 .* csr_max_l0"):
+            b.latents(slice(0, 5))
+    assert light.stat().st_size < full.stat().st_size

@@ -6,7 +6,6 @@ import json
 import random
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -45,14 +44,8 @@ def _seed_everything() -> None:
     torch.manual_seed(0)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny shapes run fastest on one thread; two threads on a busy 2-core machine run 10-30x
-    slower (measured), as the threads spin-wait on each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# tiny shapes run 10-30x slower on two threads of a busy 2-core machine (measured)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_sparse_acts(path: Path, seed: int = 0) -> torch.Tensor:

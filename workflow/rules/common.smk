@@ -6,10 +6,11 @@ import re
 
 from snakemake.exceptions import WorkflowError
 
-from saeflow.config import check, sae_table, sites_to_cache
+from saeflow.config import check, check_config_files, sae_table, sites_to_cache
 
 # Paths in the config are relative to the repository root; the workflow runs inside results/.
 REPO = os.path.abspath(workflow.basedir)
+check_config_files(workflow.configfiles)  # Snakemake's loader lets a repeated key win
 check(config)
 SAES = sae_table(config)
 TRAINED = sorted(i for i, s in SAES.items() if s["kind"] == "trained")

@@ -9,6 +9,17 @@ def all_metrics(wildcards):
     return [f"sae_eval/{sae_id}/{EVAL_CORPUS}.metrics.json" for sae_id in sorted(SAES)]
 
 
+def csr_max_l0_flag(wildcards):
+    """--csr-max-l0 unless evaluation.csr_max_l0 is null (then every file keeps its CSR)."""
+    limit = config["evaluation"]["csr_max_l0"]
+    return "" if limit is None else f"--csr-max-l0 {limit}"
+
+
+def error_sae_cfgs(wildcards):
+    """Figure 8's error SAEs (autointerp.smk's AI_SAES): rows of the table from their training."""
+    return [f"saes/{sae_id}/cfg.json" for sae_id in AI_SAES]
+
+
 rule evaluate_sae:
     input:
         sae="saes/{sae_id}/cfg.json",
@@ -25,6 +36,7 @@ rule evaluate_sae:
         downstream_seqs=config["evaluation"]["downstream_seqs"],
         batch_size=config["evaluation"]["batch_size"],
         chunk=config["evaluation"]["chunk_tokens"],
+        csr_max_l0=csr_max_l0_flag,
         skip=config["activations"]["skip_positions"],
         code=code_version("sae_eval", "metrics", "saes"),
     log:
@@ -41,13 +53,14 @@ rule evaluate_sae:
         " --model {params.model} --tokens {input.tokens} --site {params.site}"
         " --out {output.info} --metrics {output.metrics} --sae-id {wildcards.sae_id}"
         " --downstream-seqs {params.downstream_seqs} --batch-size {params.batch_size}"
-        " --skip-positions {params.skip} --chunk-tokens {params.chunk} --threads {threads}"
-        " --device auto > {log} 2>&1"
+        " --skip-positions {params.skip} --chunk-tokens {params.chunk} {params.csr_max_l0}"
+        " --threads {threads} --device auto > {log} 2>&1"
 
 
 rule summarize_saes:
     input:
         metrics=all_metrics,
+        error_saes=error_sae_cfgs,
     output:
         table="tables/sae_metrics.csv",
     params:
@@ -56,4 +69,4 @@ rule summarize_saes:
         "logs/summarize_saes/summary.log",
     shell:
         "python -m saeflow.sae_eval summarize --metrics {input.metrics}"
-        " --out {output.table} > {log} 2>&1"
+        " --error-saes {input.error_saes} --out {output.table} > {log} 2>&1"
