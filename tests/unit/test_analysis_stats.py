@@ -1,5 +1,7 @@
 """The streaming analyzer against brute force on a small random TopK code."""
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -48,7 +50,7 @@ def test_counts_max_hist_top_match_brute_force():
             continue
         # equal-width bins over (0, max], right-closed (the max falls in the last bin)
         edges = np.linspace(0, col.max(), S.n_hist + 1)
-        ref = np.array([((act > lo) & (act <= hi)).sum() for lo, hi in zip(edges[:-1], edges[1:])])
+        ref = np.array([((act > lo) & (act <= hi)).sum() for lo, hi in itertools.pairwise(edges)])
         np.testing.assert_array_equal(res.hist[latent], ref)
         order = np.lexsort((np.arange(len(col)), -col))[: S.n_top]
         order = order[col[order] > 0]
