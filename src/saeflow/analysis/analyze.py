@@ -193,6 +193,7 @@ def run(args: argparse.Namespace) -> dict:
                "site": str(corpus.info.attrs.get("site", "")),
                "corpus": str(corpus.acts.attrs.get("corpus", "")), "d_sae": n,
                "d_in": int(sae.cfg.d_in), "n_tokens": res.n_tokens,
+               "sae_path": args.sae, "model_path": args.model,
                "dead_fraction": float((res.count == 0).mean()), "settings": vars(s),
                "window": [args.before, args.after], "analysis_seconds": t2 - t1,
                "tokens_per_second": res.n_tokens / max(t2 - t1, 1e-9)}
