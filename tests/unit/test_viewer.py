@@ -97,8 +97,8 @@ def test_analysis_documents_are_consistent(built):
     s = store.open_store(str(built / "features.sqlite"))
     assert s.feature_count("tiny") == D_SAE
     with h5py.File(built / "info.h5") as h5:
-        freq = h5["latent_freq"][:]
-        ptr, idx, val = h5["latent_ptr"][:], h5["latent_idx"][:], h5["latent_val"][:]
+        freq, ptr, idx, val = (np.asarray(h5[k]) for k in ("latent_freq", "latent_ptr",
+                                                           "latent_idx", "latent_val"))
     rows = np.repeat(np.arange(len(ptr) - 1), np.diff(ptr))
     for i in range(D_SAE):
         doc = s.feature("tiny", i)
@@ -213,7 +213,7 @@ def test_browser_feature_card_and_prompt(server, page, built, tmp_path_factory):
     assert "255, 120, 0" in first.evaluate("e => getComputedStyle(e).backgroundColor")
     first.hover()
     assert page.locator("#hover").inner_text().strip() != ""
-    shots = Path(os.environ.get("SAEFLOW_ARTEFACTS", tmp_path_factory.mktemp("shots")))
+    shots = Path(os.environ.get("SAEFLOW_ARTEFACTS") or tmp_path_factory.mktemp("shots"))
     shots.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(shots / "feature_card.png"), full_page=True)
     # keyboard: right arrow moves to the next latent
@@ -221,7 +221,10 @@ def test_browser_feature_card_and_prompt(server, page, built, tmp_path_factory):
     page.wait_for_selector(f".feature-card[data-index='{(busy + 1) % D_SAE}']")
     # overview
     page.goto(f"{server}/#/tiny/overview")
-    page.wait_for_selector("#overview svg rect.freq-bar")
+    page.wait_for_selector("#overview svg rect.freq-bar", state="attached")
+    freq_bars = page.locator("#overview svg rect.freq-bar")
+    assert max(float(freq_bars.nth(i).get_attribute("height") or 0)
+               for i in range(freq_bars.count())) > 0
     # prompt page
     page.goto(f"{server}/#/tiny/prompt")
     page.fill("#prompt-text", "The bank raised interest rates.")
