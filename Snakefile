@@ -28,6 +28,7 @@ include: "workflow/rules/figures.smk"
 include: "workflow/rules/autointerp.smk"
 include: "workflow/rules/toy.smk"
 include: "workflow/rules/mlsae.smk"
+include: "workflow/rules/analysis.smk"
 
 
 rule all:

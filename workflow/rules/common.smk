@@ -114,6 +114,7 @@ def all_targets():
         targets.append("plots/figure8.pdf")
     targets += toy_targets()  # toy.smk, included after this file: called only by rule all
     targets += mlsae_targets()  # workflow/rules/mlsae.smk
+    targets += analysis_targets()  # workflow/rules/analysis.smk
     return targets
 
 

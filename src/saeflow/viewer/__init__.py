@@ -1,0 +1,1 @@
+"""The feature viewer: ``python -m saeflow.viewer --db results/features.sqlite``."""

@@ -1,0 +1,211 @@
+"""The feature viewer: FastAPI over the feature database, plus the static page in ``static/``.
+
+Endpoints follow OpenMOSS's server (reference: mlsae-openmoss-saex.md section 2), under /api:
+
+GET  /dictionaries                               loaded SAEs
+GET  /dictionaries/{name}                        summary and metrics
+GET  /dictionaries/{name}/metrics                metrics (the SAE's row of tables/sae_metrics.csv)
+GET  /dictionaries/{name}/features/count
+GET  /dictionaries/{name}/frequencies            [index, freq, max] of every latent (overview)
+GET  /dictionaries/{name}/features/random?min_freq=&max_freq=&seed=
+GET  /dictionaries/{name}/features/{index}
+GET  /dictionaries/{name}/features/{index}/samplings
+POST /dictionaries/{name}/infer                  {"text"}: active latents per token
+POST /dictionaries/{name}/features/{index}/infer {"text"}: that latent's activation per token
+PUT  /dictionaries/{name}/features/{index}/interpretation  {"text", "score"}
+GET  /bookmarks; POST, DELETE /dictionaries/{name}/features/{index}/bookmark
+"""
+
+from __future__ import annotations
+
+import functools
+import random
+import threading
+from pathlib import Path
+from typing import Any
+
+import torch
+from fastapi import FastAPI, HTTPException, Query
+from fastapi.responses import FileResponse
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, Field
+
+from saeflow.analysis.store import FeatureStore, open_store
+
+STATIC = Path(__file__).resolve().parent / "static"
+MAX_TEXT_CHARS = 2000
+MAX_TOKENS = 256
+
+
+class Text(BaseModel):
+    text: str = Field(min_length=1, max_length=MAX_TEXT_CHARS)
+
+
+class Interpretation(BaseModel):
+    text: str = Field(min_length=1, max_length=4000)
+    score: dict[str, float] | None = None
+
+
+class Bookmark(BaseModel):
+    note: str = Field(default="", max_length=2000)
+
+
+class Runner:
+    """Model + SAE of one dictionary, loaded on first use, for ``infer``."""
+
+    def __init__(self, model_dir: str, sae_dir: str, site: str) -> None:
+        from saeflow.models import load_model, resolve_site
+        from saeflow.saes import load_sae
+
+        self.model, self.tokenizer = load_model(model_dir)
+        self.sae = load_sae(sae_dir)
+        self.module, _ = resolve_site(self.model, site)
+
+    def latents(self, text: str) -> tuple[list[str], torch.Tensor]:
+        """Token strings and latents [n_tokens, d_sae] of ``text``."""
+        from saeflow.models import site_activation
+
+        ids = self.tokenizer(text, return_tensors="pt").input_ids[:, :MAX_TOKENS]
+        if ids.shape[1] == 0:
+            raise HTTPException(422, "the text has no tokens")
+        captured: list[torch.Tensor] = []
+        hook = self.module.register_forward_hook(
+            lambda _m, _i, out: captured.append(site_activation(out)))
+        try:
+            with torch.inference_mode():
+                self.model(ids)
+                acts = self.sae.encode(captured[0][0].float())
+        finally:
+            hook.remove()
+        return [str(self.tokenizer.decode([t])) for t in ids[0].tolist()], acts
+
+
+def create_app(db: str, root: str | None = None) -> FastAPI:
+    """The viewer app over the database ``db``; model and SAE paths of ``infer`` are relative to
+    ``root`` (the workflow's results folder; default: the SQLite file's folder)."""
+    store = open_store(db)
+    lock = threading.Lock()  # one connection, requests run in a thread pool
+    base = Path(root) if root else (Path(db).parent if "://" not in db else Path.cwd())
+    app = FastAPI(title="saeflow feature viewer")
+
+    def call(method: str, *args: Any) -> Any:
+        with lock:
+            return getattr(store, method)(*args)
+
+    def sae(name: str) -> dict:
+        found = call("sae", name)
+        if found is None:
+            names = [s["name"] for s in call("saes")]
+            raise HTTPException(404, f"unknown dictionary '{name}'; loaded: {names}")
+        return found
+
+    def feature(name: str, index: int) -> dict:
+        n = sae(name)["summary"]["d_sae"]
+        if not 0 <= index < n:
+            raise HTTPException(404, f"latent {index} out of range: '{name}' has latents 0..{n - 1}")
+        doc = call("feature", name, index)
+        if doc is None:
+            raise HTTPException(404, f"latent {index} of '{name}' is not in the database")
+        return doc
+
+    @functools.lru_cache(maxsize=2)
+    def runner(name: str) -> Runner:
+        s = sae(name)["summary"]
+        return Runner(str(base / s["model_path"]), str(base / s["sae_path"]), s["site"])
+
+    _routes(app, store, call, sae, feature, runner)
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.get("/", include_in_schema=False)
+    def index() -> FileResponse:
+        return FileResponse(STATIC / "index.html")
+
+    app.state.store = store
+    return app
+
+
+def _routes(app: FastAPI, store: FeatureStore, call, sae, feature, runner) -> None:
+    @app.get("/api/dictionaries")
+    def dictionaries() -> list[dict]:
+        return [{"name": s["name"], "n_features": s["summary"]["d_sae"], **s["summary"]}
+                for s in call("saes")]
+
+    @app.get("/api/dictionaries/{name}")
+    def dictionary(name: str) -> dict:
+        return sae(name)
+
+    @app.get("/api/dictionaries/{name}/metrics")
+    def metrics(name: str) -> dict:
+        return sae(name)["metrics"] or {}
+
+    @app.get("/api/dictionaries/{name}/features/count")
+    def count(name: str) -> dict:
+        sae(name)
+        return {"count": call("feature_count", name)}
+
+    @app.get("/api/dictionaries/{name}/frequencies")
+    def frequencies(name: str) -> list[list[float]]:
+        sae(name)
+        return [list(r) for r in call("frequencies", name)]
+
+    @app.get("/api/dictionaries/{name}/features/random")
+    def random_feature(name: str, min_freq: float = Query(0.0, ge=0, le=1),
+                       max_freq: float = Query(1.0, ge=0, le=1), seed: int | None = None) -> dict:
+        sae(name)
+        ids = call("feature_indices", name, min_freq, max_freq)
+        if not ids:
+            raise HTTPException(404, f"no latent of '{name}' has frequency in "
+                                     f"[{min_freq}, {max_freq}]")
+        return feature(name, random.Random(seed).choice(ids))
+
+    @app.get("/api/dictionaries/{name}/features/{index}")
+    def feature_by_index(name: str, index: int) -> dict:
+        return feature(name, index)
+
+    @app.get("/api/dictionaries/{name}/features/{index}/samplings")
+    def samplings(name: str, index: int) -> dict:
+        groups: dict[str, list[dict]] = {}
+        for s in feature(name, index)["samples"]:
+            key = f"bin{s['bin']}" if s["kind"] == "bin" else s["kind"]
+            groups.setdefault(key, []).append(s)
+        return groups
+
+    @app.post("/api/dictionaries/{name}/infer")
+    def infer(name: str, body: Text, top: int = Query(5, ge=1, le=50)) -> dict:
+        sae(name)
+        tokens, acts = runner(name).latents(body.text)
+        k = min(top, acts.shape[1])
+        vals, ids = acts.topk(k, dim=1)
+        return {"tokens": [{"token": t, "latents": [[int(i), float(v)] for i, v in
+                                                     zip(ids[p].tolist(), vals[p].tolist(),
+                                                         strict=True) if v > 0]}
+                           for p, t in enumerate(tokens)]}
+
+    @app.post("/api/dictionaries/{name}/features/{index}/infer")
+    def infer_feature(name: str, index: int, body: Text) -> dict:
+        feature(name, index)
+        tokens, acts = runner(name).latents(body.text)
+        return {"tokens": tokens, "acts": acts[:, index].tolist()}
+
+    @app.put("/api/dictionaries/{name}/features/{index}/interpretation")
+    def put_interpretation(name: str, index: int, body: Interpretation) -> dict:
+        feature(name, index)
+        call("put_interpretation", name, index, body.text, body.score)
+        return {"interpretations": call("interpretations", name, index)}
+
+    @app.get("/api/bookmarks")
+    def bookmarks() -> list[dict]:
+        return call("bookmarks")
+
+    @app.post("/api/dictionaries/{name}/features/{index}/bookmark")
+    def add_bookmark(name: str, index: int, body: Bookmark) -> dict:
+        feature(name, index)
+        call("add_bookmark", name, index, body.note)
+        return {"bookmarked": True}
+
+    @app.delete("/api/dictionaries/{name}/features/{index}/bookmark")
+    def delete_bookmark(name: str, index: int) -> dict:
+        feature(name, index)
+        if not call("delete_bookmark", name, index):
+            raise HTTPException(404, f"latent {index} of '{name}' is not bookmarked")
+        return {"bookmarked": False}

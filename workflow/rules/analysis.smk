@@ -1,0 +1,127 @@
+# Feature analysis: per-latent statistics on the evaluation corpus, loaded into the feature
+# database the viewer serves, and a static dashboard of the most frequent latents per SAE.
+#   analysis/{sae}/features.jsonl.gz, summary.json   analyze_features
+#   analysis/{sae}/loaded.json                       load_features (stamp; the rows live in the DB)
+#   plots/dashboards/{sae}/index.html                feature_dashboard
+
+from snakemake.exceptions import WorkflowError
+
+AN = config["analysis"]
+AN_SAES = AN["saes"]
+for _sae in AN_SAES:
+    if _sae not in SAES:
+        raise WorkflowError(f"analysis.saes: '{_sae}' is not an SAE of this config "
+                            f"(SAEs: {', '.join(sorted(SAES))})")
+
+
+def analysis_options(wildcards):
+    """The analyzer's knobs as flags."""
+    keys = ("n_top", "n_bins", "n_per_bin", "n_nonact", "n_hist", "n_logits", "n_neighbours",
+            "before", "after", "chunk_tokens", "seed")
+    return " ".join(f"--{key.replace('_', '-')} {AN[key]}" for key in keys)
+
+
+def analysis_autointerp(wildcards):
+    """The SAE's auto-interp results (Figure 8's stages), where the DAG makes them."""
+    ai_saes = globals().get("AI_SAES", [])
+    return [f"autointerp/{wildcards.sae_id}/results.jsonl"] if wildcards.sae_id in ai_saes else []
+
+
+def analysis_autointerp_flag(wildcards):
+    found = analysis_autointerp(wildcards)
+    return f"--autointerp {found[0]}" if found else ""
+
+
+def analysis_acts(wildcards):
+    """The activations file (tokens, sequence layout) the SAE was evaluated on."""
+    sae = SAES[wildcards.sae_id]
+    return f"acts/{sae['model']}/{EVAL_CORPUS}/{sae['site']}.h5"
+
+
+def analysis_targets():
+    """The loads and dashboards of every analysed SAE (for all_targets)."""
+    return [f"analysis/{s}/loaded.json" for s in AN_SAES] + [
+        f"plots/dashboards/{s}/index.html" for s in AN_SAES]
+
+
+rule analyze_features:
+    input:
+        info=f"sae_eval/{{sae_id}}/{EVAL_CORPUS}.h5",
+        acts=analysis_acts,
+        sae="saes/{sae_id}/cfg.json",
+        weights="saes/{sae_id}/sae_weights.safetensors",
+        model=sae_model_input,
+    output:
+        features="analysis/{sae_id}/features.jsonl.gz",
+        summary="analysis/{sae_id}/summary.json",
+    wildcard_constraints:
+        sae_id=alternation(AN_SAES),
+    params:
+        model=sae_model_path,
+        options=analysis_options,
+        code=code_version("analysis.analyze", "analysis.stats"),
+    log:
+        "logs/analyze_features/{sae_id}.log",
+    benchmark:
+        "benchmarks/analyze_features/{sae_id}.tsv"
+    threads: 1
+    resources:
+        mem_mb=sae_model_mem_mb,
+        runtime=60,
+    shell:
+        "python -m saeflow.analysis.analyze --info {input.info} --acts {input.acts}"
+        " --sae saes/{wildcards.sae_id} --model {params.model} --sae-id {wildcards.sae_id}"
+        " --out {output.features} --summary {output.summary} {params.options}"
+        " --threads {threads} > {log} 2>&1"
+
+
+rule load_features:
+    input:
+        features="analysis/{sae_id}/features.jsonl.gz",
+        summary="analysis/{sae_id}/summary.json",
+        metrics=f"sae_eval/{{sae_id}}/{EVAL_CORPUS}.metrics.json",
+        autointerp=analysis_autointerp,
+    output:
+        stamp="analysis/{sae_id}/loaded.json",
+    wildcard_constraints:
+        sae_id=alternation(AN_SAES),
+    params:
+        db=AN["db"],
+        autointerp=analysis_autointerp_flag,
+        code=code_version("analysis.store"),
+    log:
+        "logs/load_features/{sae_id}.log",
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=20,
+        feature_db=1,
+    shell:
+        "python -m saeflow.analysis.store load --db {params.db} --sae-id {wildcards.sae_id}"
+        " --features {input.features} --summary {input.summary} --metrics {input.metrics}"
+        " {params.autointerp} --stamp {output.stamp} > {log} 2>&1"
+
+
+rule feature_dashboard:
+    input:
+        features="analysis/{sae_id}/features.jsonl.gz",
+        summary="analysis/{sae_id}/summary.json",
+        metrics=f"sae_eval/{{sae_id}}/{EVAL_CORPUS}.metrics.json",
+    output:
+        html=report("plots/dashboards/{sae_id}/index.html", caption="../report/dashboard.rst",
+                    category="Feature dashboards", labels={"sae": "{sae_id}"}),
+    wildcard_constraints:
+        sae_id=alternation(AN_SAES),
+    params:
+        n=AN["dashboard_latents"],
+        code=code_version("analysis.dashboard"),
+    log:
+        "logs/feature_dashboard/{sae_id}.log",
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    shell:
+        "python -m saeflow.analysis.dashboard --features {input.features}"
+        " --summary {input.summary} --metrics {input.metrics} --n {params.n}"
+        " --out {output.html} > {log} 2>&1"
