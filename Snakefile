@@ -26,6 +26,7 @@ include: "workflow/rules/noise_simulation.smk"
 include: "workflow/rules/cross_site.smk"
 include: "workflow/rules/figures.smk"
 include: "workflow/rules/autointerp.smk"
+include: "workflow/rules/probing.smk"
 
 
 rule all:

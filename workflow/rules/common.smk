@@ -92,6 +92,7 @@ def all_targets():
         targets += EFFECT_TABLES
     if config.get("autointerp", {}).get("base_sae"):
         targets.append("plots/figure8.pdf")
+    targets += probing_targets()  # workflow/rules/probing.smk
     return targets
 
 
