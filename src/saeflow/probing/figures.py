@@ -27,8 +27,8 @@ COLUMNS = ["value", "baseline_test_auc", "sae_test_auc", "quiver_test_auc", "n_d
 def summary(base: pd.DataFrame, sae: pd.DataFrame, regime: str) -> pd.DataFrame:
     """One row per regime value: mean test AUC of baseline, best SAE probe and the quiver."""
     col = VALUE_COLUMN[regime] or "value"
-    base = base.assign(value=base[col] if col in base else 0)
-    sae = sae.assign(value=sae[col] if col in sae else 0)
+    base = base.assign(value=base.get(col, 0))
+    sae = sae.assign(value=sae.get(col, 0))
     # best SAE probe per (dataset, value): highest val_auc over SAEs and k (first on ties)
     best = sae.sort_values("val_auc", ascending=False, kind="stable").groupby(
         ["dataset", "value"], as_index=False).first()
