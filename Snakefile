@@ -29,6 +29,7 @@ include: "workflow/rules/autointerp.smk"
 include: "workflow/rules/toy.smk"
 include: "workflow/rules/mlsae.smk"
 include: "workflow/rules/analysis.smk"
+include: "workflow/rules/probing.smk"
 
 
 rule all:

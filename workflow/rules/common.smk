@@ -115,6 +115,7 @@ def all_targets():
     targets += toy_targets()  # toy.smk, included after this file: called only by rule all
     targets += mlsae_targets()  # workflow/rules/mlsae.smk
     targets += analysis_targets()  # workflow/rules/analysis.smk
+    targets += probing_targets()  # workflow/rules/probing.smk
     return targets
 
 

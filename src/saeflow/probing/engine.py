@@ -1,0 +1,182 @@
+"""The batched probe engine: every C (and every k, and every fold) of a logistic probe in one solve.
+
+The original (reference B3, ``sae_probes.utils_training.find_best_reg``) fits one sklearn model per
+(C, fold): 10 C values x up to 66 folds, then a refit, for every dataset, layer, SAE and k. Here all
+of them are one batched problem in torch:
+
+- **L2** (sklearn's ``C * sum(loss) + ||w||^2 / 2``, intercept unpenalised): damped Newton, batched
+  over problems. When n < d the data are first rotated into their row space (thin SVD): the
+  optimum's w lies in the span of the training rows, so solving in rank(X) <= n coordinates is
+  exact, and a d x d Hessian is never formed.
+- **L1** (``C * sum(loss) + ||w||_1``): FISTA (Beck & Teboulle 2009) with adaptive restart, one
+  step size per problem from the largest singular value of its masked design.
+
+Folds are masks over the training rows, so folds of unequal size batch together. Selection is the
+original's: mean validation AUC per C over the folds that have both classes, first maximum, then a
+refit on all training rows (solved in the same batch). n <= 3 uses C = 1 and the training AUC.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from sklearn.model_selection import StratifiedKFold
+
+# paper Table 5 / utils_training.find_best_reg
+C_GRID = tuple(float(c) for c in np.logspace(5, -5, 10))
+
+
+def cv_splits(y: np.ndarray, seed: int = 42) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The original's validation scheme (``get_cv`` + ``get_splits``) for training labels ``y``.
+
+    n <= 12: LeavePOut(2); n < 128: StratifiedKFold(6, shuffle, seed); else the last
+    min(20%, 100) rows. Folds whose validation part lacks a class are dropped (not the holdout).
+    """
+    n = len(y)
+    if n <= 12:
+        folds = [(np.setdiff1d(np.arange(n), pair), np.array(pair))
+                 for pair in itertools.combinations(range(n), 2)]
+    elif n < 128:
+        # StratifiedKFold itself warns, as in the original, when a class has fewer than 6 rows.
+        kfold = StratifiedKFold(n_splits=6, shuffle=True, random_state=seed)
+        folds = list(kfold.split(np.zeros(n), y))
+    else:
+        val = min(int(0.2 * n), 100)
+        return [(np.arange(n - val), np.arange(n - val, n))]
+    return [(tr, va) for tr, va in folds if len(np.unique(y[va])) == 2]
+
+
+def auc(scores: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """ROC-AUC of each row of ``scores`` [p, n] against labels ``y`` [n] (ties count one half).
+
+    Mann-Whitney U from average ranks, as sklearn's ``roc_auc_score``.
+    """
+    n_pos = int(y.sum())
+    n_neg = len(y) - n_pos
+    order = scores.argsort(dim=1)
+    sorted_scores = scores.gather(1, order)
+    ranks = torch.empty_like(scores, dtype=torch.float64)
+    for row in range(scores.shape[0]):
+        _, inverse, counts = torch.unique_consecutive(sorted_scores[row], return_inverse=True,
+                                                      return_counts=True)
+        ends = counts.cumsum(0).double()
+        average = ends - (counts.double() - 1) / 2  # 1-based average rank of each tie group
+        ranks[row, order[row]] = average[inverse]
+    pos_rank_sum = (ranks * y.double()).sum(dim=1)
+    return (pos_rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+
+
+def _logloss(z: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    # sum over masked rows of log(1 + e^z) - y z, stable; z, mask [p, n], y [n] -> [p]
+    return ((torch.nn.functional.softplus(z) - y * z) * mask).sum(dim=1)
+
+
+class Fit(NamedTuple):
+    """Batched logistic fits."""
+
+    coef: torch.Tensor
+    """[p, d] weights per problem."""
+    intercept: torch.Tensor
+    """[p] intercepts."""
+
+
+def fit_l2(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, cs: torch.Tensor,
+           max_iter: int = 100, gtol: float = 1e-4) -> Fit:
+    """L2 logistic regression for p problems sharing rows ``x`` [n, d], labels ``y`` [n].
+
+    ``mask`` [p, n] in {0, 1} picks each problem's rows, ``cs`` [p] its C. float64 throughout.
+    A problem stops where sklearn's lbfgs would: the largest gradient component of its
+    objective divided by C * n_rows (sklearn minimises the mean loss) is at most ``gtol``
+    (sklearn's ``tol``). Far from separable data this is the optimum; on nearly separable data
+    with a large C it is where sklearn also stops, short of the diverging optimum.
+    """
+    x, y, mask, cs = x.double(), y.double(), mask.double(), cs.double()
+    _, s, vh = torch.linalg.svd(x, full_matrices=False)
+    basis = vh[s > s[0] * 1e-10].T if len(s) else vh.T  # [d, r]
+    z = x @ basis  # [n, r]: the row space of x, where every optimum's w lies
+    za = torch.cat([z, torch.ones(len(z), 1, dtype=z.dtype)], dim=1)  # [n, r + 1]
+    p, r1 = len(cs), za.shape[1]
+    theta = torch.zeros(p, r1, dtype=z.dtype)
+    reg = torch.ones(r1, dtype=z.dtype)
+    reg[-1] = 0.0  # the intercept is not penalised (sklearn)
+    scale = cs * mask.sum(dim=1)  # [p]
+    active = torch.ones(p, dtype=torch.bool)
+
+    def objective(th: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        return cs[rows] * _logloss(th @ za.T, y, mask[rows]) + 0.5 * (th[:, :-1] ** 2).sum(dim=1)
+
+    for _ in range(max_iter):
+        rows = active.nonzero().squeeze(1)
+        th, mk, cc = theta[rows], mask[rows], cs[rows]
+        prob = torch.sigmoid(th @ za.T)  # [a, n]
+        grad = cc[:, None] * (((prob - y) * mk) @ za) + th * reg  # [a, r1]
+        small = grad.abs().amax(dim=1) / scale[rows] <= gtol
+        active[rows[small]] = False
+        if small.all():
+            break
+        keep = ~small
+        rows, th, grad = rows[keep], th[keep], grad[keep]
+        weight = cs[rows, None] * prob[keep] * (1 - prob[keep]) * mask[rows]  # [a, n]
+        hess = (za.T * weight[:, None, :]) @ za + torch.diag_embed(reg + 1e-10)  # [a, r1, r1]
+        step = torch.linalg.solve(hess, grad.unsqueeze(-1)).squeeze(-1)
+        # Backtracking per problem: the largest t in 1, 1/2, ... that does not raise the objective.
+        obj = objective(th, rows)
+        t = torch.ones(len(rows), dtype=z.dtype)
+        new = objective(th - t[:, None] * step, rows)
+        for _ in range(30):
+            bad = new > obj
+            if not bad.any():
+                break
+            t = torch.where(bad, t / 2, t)
+            new = torch.where(bad, objective(th - t[:, None] * step, rows), new)
+        theta[rows] = th - t[:, None] * step
+    return Fit((theta[:, :-1] @ basis.T).float(), theta[:, -1].float())
+
+
+def fit_l1(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, cs: torch.Tensor,
+           features: torch.Tensor | None = None, max_iter: int = 2000, tol: float = 1e-7) -> Fit:
+    """L1 logistic regression (FISTA) for p problems; ``features`` [p, d] masks columns per problem.
+
+    Each problem minimises ``C * sum(loss) + ||w||_1`` over its rows and its columns (zero weight
+    elsewhere), as sklearn's saga on the same sub-matrix.
+    """
+    x, y, mask, cs = x.double(), y.double(), mask.double(), cs.double()
+    n, d = x.shape
+    p = len(cs)
+    fmask = torch.ones(p, d, dtype=x.dtype) if features is None else features.double()
+    # Lipschitz constant of the smooth part: C * sigma_max([x, 1])^2 / 4 (an upper bound on
+    # every masked sub-matrix's).
+    xa = torch.cat([x, torch.ones(n, 1, dtype=x.dtype)], dim=1)
+    lip = cs * torch.linalg.matrix_norm(xa, ord=2) ** 2 / 4
+    step = 1.0 / lip  # [p]
+    w, b = torch.zeros(p, d, dtype=x.dtype), torch.zeros(p, dtype=x.dtype)
+    vw, vb, momentum = w.clone(), b.clone(), torch.ones(p, dtype=x.dtype)
+
+    def objective(ww: torch.Tensor, bb: torch.Tensor) -> torch.Tensor:
+        return cs * _logloss(ww @ x.T + bb[:, None], y, mask) + ww.abs().sum(dim=1)
+
+    obj = objective(w, b)
+    for _ in range(max_iter):
+        prob = torch.sigmoid(vw @ x.T + vb[:, None])
+        resid = cs[:, None] * (prob - y) * mask  # [p, n]
+        gw = (resid @ x) * fmask
+        gb = resid.sum(dim=1)
+        uw = vw - step[:, None] * gw
+        new_w = torch.sign(uw) * torch.clamp(uw.abs() - step[:, None], min=0) * fmask
+        new_b = vb - step * gb
+        new_obj = objective(new_w, new_b)
+        # Adaptive restart (O'Donoghue & Candes 2015): drop momentum where the objective rose.
+        restart = new_obj > obj
+        next_m = (1 + torch.sqrt(1 + 4 * momentum**2)) / 2
+        beta = torch.where(restart, torch.zeros_like(momentum), (momentum - 1) / next_m)
+        vw = new_w + beta[:, None] * (new_w - w)
+        vb = new_b + beta * (new_b - b)
+        momentum = torch.where(restart, torch.ones_like(momentum), next_m)
+        converged = (obj - new_obj).abs() <= tol * (1 + obj.abs())
+        w, b, obj = new_w, new_b, torch.minimum(obj, new_obj)
+        if converged.all():
+            break
+    return Fit(w.float(), b.float())

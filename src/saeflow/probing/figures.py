@@ -1,0 +1,83 @@
+"""Stage: combined probing CSVs per regime and the comparison figure drawn from its own CSV.
+
+``python -m saeflow.probing.figures --regime R --baseline B.csv ... --sae S.csv ... \\
+    --out-baselines T.csv --out-sae all_metrics.csv --table plots/probing/R.csv --pdf plots/probing/R.pdf``
+
+The figure's CSV holds, per regime value, the mean test AUC over datasets of the L2 baseline,
+of the best SAE probe (k chosen per dataset by validation AUC) and of the "quiver of arrows"
+choice (per dataset the method of highest validation AUC among baseline and SAE probes; ties go
+to the SAE, as the original's notebooks).
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+
+import pandas as pd
+from matplotlib.figure import Figure
+
+from saeflow.figures.pdf import read_table, save_pdf
+from saeflow.h5io import atomic_path
+from saeflow.probing.run import VALUE_COLUMN
+
+COLUMNS = ["value", "baseline_test_auc", "sae_test_auc", "quiver_test_auc", "n_datasets"]
+
+
+def summary(base: pd.DataFrame, sae: pd.DataFrame, regime: str) -> pd.DataFrame:
+    """One row per regime value: mean test AUC of baseline, best SAE probe and the quiver."""
+    col = VALUE_COLUMN[regime] or "value"
+    base = base.assign(value=base.get(col, 0))
+    sae = sae.assign(value=sae.get(col, 0))
+    # best SAE probe per (dataset, value): highest val_auc over SAEs and k (first on ties)
+    best = sae.sort_values("val_auc", ascending=False, kind="stable").groupby(
+        ["dataset", "value"], as_index=False).first()
+    joined = base.merge(best, on=["dataset", "value"], suffixes=("_b", "_s"))
+    joined["quiver"] = joined["test_auc_s"].where(joined["val_auc_s"] >= joined["val_auc_b"],
+                                                  joined["test_auc_b"])
+    grouped = joined.groupby("value")
+    return pd.DataFrame({"value": list(grouped.groups),
+                         "baseline_test_auc": grouped["test_auc_b"].mean().to_numpy(),
+                         "sae_test_auc": grouped["test_auc_s"].mean().to_numpy(),
+                         "quiver_test_auc": grouped["quiver"].mean().to_numpy(),
+                         "n_datasets": grouped.size().to_numpy()})
+
+
+def draw(table: pd.DataFrame, regime: str):
+    def paint(fig: Figure) -> None:
+        ax = fig.subplots()
+        for column, label in [("baseline_test_auc", "L2 baseline"),
+                              ("sae_test_auc", "best SAE probe"),
+                              ("quiver_test_auc", "quiver (baseline + SAE)")]:
+            ax.plot(table["value"], table[column], marker="o", label=label)
+        ax.set_xlabel(VALUE_COLUMN[regime] or "normal regime")
+        ax.set_ylabel("mean test AUC")
+        if regime == "scarcity":
+            ax.set_xscale("log")
+        ax.legend()
+    return paint
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m saeflow.probing.figures", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--regime", required=True, choices=list(VALUE_COLUMN))
+    p.add_argument("--baseline", action="append", required=True)
+    p.add_argument("--sae", action="append", default=[])
+    for name in ("--out-baselines", "--out-sae", "--table", "--pdf"):
+        p.add_argument(name, required=True)
+    args = p.parse_args(argv)
+    base = pd.concat([read_table(b, ["dataset", "test_auc", "val_auc"]) for b in args.baseline])
+    sae = pd.concat([read_table(s, ["dataset", "test_auc", "val_auc", "sae_id", "k"])
+                     for s in args.sae]) if args.sae else pd.DataFrame(columns=base.columns)
+    for frame, out in ((base, args.out_baselines), (sae, args.out_sae)):
+        with atomic_path(out) as tmp:
+            frame.to_csv(tmp, index=False)
+    table = summary(base, sae, args.regime)
+    with atomic_path(args.table) as tmp:
+        table.to_csv(tmp, index=False)
+    save_pdf(draw(read_table(args.table, COLUMNS), args.regime), args.table, args.pdf, 5.0, 3.2, 9)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,149 @@
+"""Logistic probes with the original's model selection, on the batched engine or on sklearn.
+
+:func:`select_logreg` is ``find_best_reg`` of the original (reference B3) for one or many feature
+sets at once: the C grid, the validation folds of :func:`engine.cv_splits`, a 0.5 score for a
+training fold with one class, the first C of highest mean validation AUC, a refit on all training
+rows, then test F1 (weighted), accuracy and AUC. ``backend="sklearn"`` runs the same selection one
+sklearn model at a time (the reference path), ``backend="torch"`` in one batched solve.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
+
+from saeflow.probing import engine
+
+Backend = Literal["torch", "sklearn"]
+
+
+@dataclass(frozen=True)
+class Metrics:
+    """One selected probe's scores (the original's ``Metrics``) and the C it chose."""
+
+    test_f1: float
+    test_acc: float
+    test_auc: float
+    val_auc: float
+    C: float
+
+
+def _scores(y_test: np.ndarray, proba: np.ndarray, val_auc: float, c: float) -> Metrics:
+    pred = (proba > 0.5).astype(np.int64)
+    return Metrics(float(f1_score(y_test, pred, average="weighted")),
+                   float(accuracy_score(y_test, pred)), float(roc_auc_score(y_test, proba)),
+                   float(val_auc), float(c))
+
+
+def select_logreg(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray,
+                  y_test: np.ndarray, penalty: str = "l2", ks: list[int] | None = None,
+                  cs: tuple[float, ...] = engine.C_GRID, seed: int = 42,
+                  backend: Backend = "torch") -> list[Metrics]:
+    """One :class:`Metrics` per k (the first k columns of x, in order) or one for all columns."""
+    ks = ks or [x_train.shape[1]]
+    if backend == "sklearn":
+        return [_sklearn_select(x_train[:, :k], y_train, x_test[:, :k], y_test, penalty, cs, seed)
+                for k in ks]
+    return _torch_select(x_train, y_train, x_test, y_test, penalty, ks, cs, seed)
+
+
+def _torch_select(x_train, y_train, x_test, y_test, penalty, ks, cs, seed) -> list[Metrics]:
+    n = len(y_train)
+    folds = engine.cv_splits(y_train, seed) if n > 3 else []
+    grid = list(cs) if folds else [1.0]
+    masks = np.zeros((len(folds) + 1, n))
+    for f, (tr, _) in enumerate(folds):
+        masks[f, tr] = 1
+    masks[-1] = 1
+    kmax = max(ks)
+    x = torch.from_numpy(np.ascontiguousarray(x_train[:, :kmax], dtype=np.float32))
+    # problems: (k, C, mask) in that order
+    j, c, m = np.meshgrid(np.arange(len(ks)), np.arange(len(grid)), np.arange(len(masks)),
+                          indexing="ij")
+    j, c, m = j.ravel(), c.ravel(), m.ravel()
+    mask_t = torch.from_numpy(masks[m])
+    cs_t = torch.tensor([grid[i] for i in c], dtype=torch.float64)
+    y_t = torch.from_numpy(y_train.astype(np.float64))
+    feats = torch.from_numpy((np.arange(kmax)[None, :] < np.array(ks)[j][:, None]).astype(np.float64))
+    if penalty == "l1":
+        fit = engine.fit_l1(x, y_t, mask_t, cs_t, features=feats)
+    else:
+        fit = _l2_per_k(x, y_t, mask_t, cs_t, ks, j)
+    train_scores = (x @ fit.coef.T).T + fit.intercept[:, None]  # [p, n]
+    val = _mean_val_auc(train_scores, y_train, folds, masks, len(ks), len(grid))  # [k, C]
+    x_te = torch.from_numpy(np.ascontiguousarray(x_test[:, :kmax], dtype=np.float32))
+    out = []
+    for jj in range(len(ks)):
+        best = int(np.argmax(val[jj])) if folds else 0
+        prob = int(np.flatnonzero((j == jj) & (c == best) & (m == len(masks) - 1))[0])
+        proba = torch.sigmoid(x_te @ fit.coef[prob] + fit.intercept[prob]).double().numpy()
+        if folds:
+            v = float(val[jj, best])
+        else:  # original: no cross-validation for n <= 3; the training AUC stands in
+            v = float(engine.auc(train_scores[prob : prob + 1].double(), y_t)[0])
+        out.append(_scores(y_test, proba, v, grid[best]))
+    return out
+
+
+def _l2_per_k(x, y_t, mask_t, cs_t, ks, j) -> engine.Fit:
+    """L2 fits per feature set (the row-space rotation depends on the columns)."""
+    coef = torch.zeros(len(cs_t), x.shape[1])
+    intercept = torch.zeros(len(cs_t))
+    for jj, k in enumerate(ks):
+        rows = torch.from_numpy(np.flatnonzero(j == jj))
+        fit = engine.fit_l2(x[:, :k], y_t, mask_t[rows], cs_t[rows])
+        coef[rows, :k] = fit.coef
+        intercept[rows] = fit.intercept
+    return engine.Fit(coef, intercept)
+
+
+def _mean_val_auc(scores, y, folds, masks, n_k, n_c) -> np.ndarray:
+    """[k, C] mean validation AUC over folds (0.5 for a fold whose training part has one class)."""
+    if not folds:
+        return np.zeros((n_k, n_c))
+    per = scores.reshape(n_k, n_c, len(masks), -1)
+    total = np.zeros((n_k, n_c))
+    for f, (tr, va) in enumerate(folds):
+        if len(np.unique(y[tr])) < 2:
+            total += 0.5
+            continue
+        s = per[:, :, f, :][:, :, torch.from_numpy(va)].reshape(n_k * n_c, -1)
+        total += engine.auc(s.double(), torch.from_numpy(y[va])).reshape(n_k, n_c).numpy()
+    return total / len(folds)
+
+
+def _sklearn_model(penalty: str, c: float, seed: int) -> LogisticRegression:
+    if penalty == "l1":
+        return LogisticRegression(C=c, penalty="l1", solver="saga", random_state=seed, max_iter=1000)
+    return LogisticRegression(C=c, random_state=seed, max_iter=1000)
+
+
+def _sklearn_select(x_train, y_train, x_test, y_test, penalty, cs, seed) -> Metrics:
+    """The original's ``find_best_reg``, one sklearn fit per (C, fold) (the reference path)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        if len(y_train) <= 3:
+            model = _sklearn_model(penalty, 1.0, seed).fit(x_train, y_train)
+            v = roc_auc_score(y_train, model.predict_proba(x_train)[:, 1])
+            return _scores(y_test, model.predict_proba(x_test)[:, 1], v, 1.0)
+        folds = engine.cv_splits(y_train, seed)
+        means = []
+        for c in cs:
+            fold_scores = []
+            for tr, va in folds:
+                if len(np.unique(y_train[tr])) < 2:
+                    fold_scores.append(0.5)
+                    continue
+                model = _sklearn_model(penalty, c, seed).fit(x_train[tr], y_train[tr])
+                fold_scores.append(roc_auc_score(y_train[va], model.predict_proba(x_train[va])[:, 1]))
+            means.append(np.mean(fold_scores))
+        best = int(np.argmax(means))
+        model = _sklearn_model(penalty, cs[best], seed).fit(x_train, y_train)
+        return _scores(y_test, model.predict_proba(x_test)[:, 1], means[best], cs[best])

@@ -1,0 +1,127 @@
+"""Stage: probes in one regime over many datasets, written in the original's CSV schemas.
+
+``python -m saeflow.probing.run baseline --acts D.h5 [...] --site S --layer L --regime R --out O.csv``
+``python -m saeflow.probing.run sae --sae-acts Z.h5 [...] --sae-id ID --layer L --regime R --out O.csv``
+
+Baselines: L2 logistic regression on the last-token activations (``method = logreg``). SAE
+probes: latents ranked on the training rows by |mean(pos) - mean(neg)| after dividing each latent
+by its mean non-zero magnitude (the current code's ``get_sorted_indices`` with
+``mean_act_normalization``; ``--ranking mean_diff`` is the paper's plain difference), the top k
+into an L1 probe, optionally binarised (x > 1). Rows of the SAE CSV: ``test_f1, test_acc,
+test_auc, val_auc, k, dataset, layer, sae_id, reg_type, binarize`` + the regime's column; of the
+baseline CSV: ``dataset, method, test_f1, test_acc, test_auc, val_auc, layer`` + the column.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from saeflow.h5io import atomic_path
+from saeflow.probing import probe, regimes
+from saeflow.probing.acts import read
+from saeflow.probing.sae_acts import read_sparse
+
+# The regime's column in the original CSVs (reference B5).
+VALUE_COLUMN = {"normal": None, "scarcity": "num_train", "imbalance": "frac",
+                "label_noise": "corrupt_frac"}
+
+
+def rank_latents(z: np.ndarray, y: np.ndarray, ranking: str = "normalized_mean_diff") -> np.ndarray:
+    """Latent indices by decreasing |mean(z | y=1) - mean(z | y=0)| (``z`` [n, d_sae] dense)."""
+    if ranking == "normalized_mean_diff":
+        # sae_probes.run_sae_evals.mean_act_normalization: abs, so negative latents rank too
+        col_mean = np.abs(z).sum(0) / ((z != 0).sum(0) + 1e-6)
+        z = z / (col_mean + 1e-6)
+    elif ranking != "mean_diff":
+        raise ValueError(f"ranking '{ranking}': expected normalized_mean_diff or mean_diff")
+    diff = z[y == 1].mean(0) - z[y == 0].mean(0)
+    return np.argsort(-np.abs(diff), kind="stable")
+
+
+def _value_row(regime: str, value: float, n_train: int) -> dict:
+    col = VALUE_COLUMN[regime]
+    return {} if col is None else {col: value, **({"num_train": n_train} if col != "num_train" else {})}
+
+
+def baseline_rows(name: str, x: np.ndarray, y: np.ndarray, layer: int, regime: str,
+                  values: tuple[float, ...], backend: probe.Backend, seed: int) -> list[dict]:
+    rows = []
+    for sp in regimes.splits(y, regime, values, seed):
+        (m,) = probe.select_logreg(x[sp.train], sp.y_train, x[sp.test], y[sp.test], "l2",
+                                   seed=seed, backend=backend)
+        rows.append({"dataset": name, "method": "logreg", **asdict(m), "layer": layer,
+                     **_value_row(regime, sp.value, len(sp.train))})
+    return rows
+
+
+def sae_rows(name: str, z_all, y: np.ndarray, sae_id: str, layer: int, regime: str,
+             values: tuple[float, ...], ks: list[int], ranking: str, binarize: bool,
+             backend: probe.Backend, seed: int) -> list[dict]:
+    rows = []
+    for sp in regimes.splits(y, regime, values, seed):
+        z_tr = np.asarray(z_all[sp.train].toarray())
+        order = rank_latents(z_tr, sp.y_train, ranking)[: max(ks)]
+        x_tr, x_te = z_tr[:, order], np.asarray(z_all[sp.test][:, order].toarray())
+        if binarize:
+            x_tr, x_te = (x_tr > 1).astype(np.float32), (x_te > 1).astype(np.float32)
+        ks_ok = [k for k in ks if k <= z_tr.shape[1]]
+        for k, m in zip(ks_ok, probe.select_logreg(x_tr, sp.y_train, x_te, y[sp.test], "l1",
+                                                   ks=ks_ok, seed=seed, backend=backend)):
+            rows.append({**asdict(m), "k": k, "dataset": name, "layer": layer, "sae_id": sae_id,
+                         "reg_type": "l1", "binarize": binarize,
+                         **_value_row(regime, sp.value, len(sp.train))})
+    return rows
+
+
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m saeflow.probing.run", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("kind", choices=["baseline", "sae"])
+    p.add_argument("--acts", action="append", default=[], help="probing acts file (baseline)")
+    p.add_argument("--sae-acts", action="append", default=[], help="SAE acts file (sae)")
+    p.add_argument("--site", default="", help="site of the activations (baseline)")
+    p.add_argument("--sae-id", default="")
+    p.add_argument("--layer", type=int, required=True)
+    p.add_argument("--regime", choices=regimes.REGIMES, required=True)
+    p.add_argument("--values", type=float, nargs="*", default=[], help="the regime's grid")
+    p.add_argument("--ks", type=int, nargs="*", default=[16, 128])
+    p.add_argument("--ranking", default="normalized_mean_diff")
+    p.add_argument("--binarize", action="store_true")
+    p.add_argument("--backend", choices=["torch", "sklearn"], default="torch")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--out", required=True)
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = _parse(argv)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    values = tuple(int(v) if args.regime == "scarcity" else v for v in args.values)
+    rows: list[dict] = []
+    files = args.acts if args.kind == "baseline" else args.sae_acts
+    for path in tqdm(files, desc=f"{args.kind} {args.regime}", unit="ds"):
+        name = Path(path).stem
+        if args.kind == "baseline":
+            x, y = read(path, args.site)
+            rows += baseline_rows(name, x, y, args.layer, args.regime, values, args.backend, args.seed)
+        else:
+            z, y = read_sparse(path)
+            rows += sae_rows(name, z, y, args.sae_id, args.layer, args.regime, values, args.ks,
+                             args.ranking, args.binarize, args.backend, args.seed)
+    with atomic_path(args.out) as tmp:
+        pd.DataFrame(rows).to_csv(tmp, index=False)
+
+
+if __name__ == "__main__":
+    main()

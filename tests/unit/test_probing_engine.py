@@ -1,0 +1,116 @@
+"""The batched probe engine against sklearn, on the same folds; the original's validation scheme."""
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import roc_auc_score
+
+from saeflow.probing import engine, probe
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _data(n, d, seed, noise=1.0):
+    rng = np.random.RandomState(seed)
+    w = rng.randn(d)
+    x = rng.randn(n, d).astype(np.float32)
+    y = (x @ w / np.sqrt(d) + noise * rng.randn(n) > 0).astype(np.int64)
+    return x, y
+
+
+@pytest.mark.parametrize(("n", "folds"), [(10, 25), (60, 6), (200, 1), (1000, 1)])
+def test_fold_counts_by_n(n, folds):
+    y = np.arange(n) % 2
+    splits = engine.cv_splits(y)
+    # n <= 12: LeavePOut(2) keeps the 5 x 5 mixed pairs of 45; n < 128: 6 stratified folds.
+    assert len(splits) == folds
+    if n >= 128:
+        val = min(int(0.2 * n), 100)
+        np.testing.assert_array_equal(splits[0][1], np.arange(n - val, n))
+    for tr, va in splits:
+        assert len(np.intersect1d(tr, va)) == 0 and len(tr) + len(va) == n
+
+
+def test_one_class_validation_folds_are_dropped():
+    y = np.zeros(10, dtype=np.int64)
+    y[3] = 1
+    splits = engine.cv_splits(y)
+    assert len(splits) == 9 and all(3 in va for _, va in splits)
+
+
+def test_auc_matches_sklearn_with_ties():
+    rng = np.random.RandomState(1)
+    y = rng.randint(0, 2, 50)
+    scores = np.round(rng.randn(3, 50), 1)  # many ties
+    got = engine.auc(torch.from_numpy(scores), torch.from_numpy(y)).numpy()
+    np.testing.assert_allclose(got, [roc_auc_score(y, s) for s in scores], atol=1e-12)
+
+
+def test_l2_matches_sklearn_lbfgs_coefficients():
+    x, y = _data(300, 20, 0, noise=1.0)
+    cs = [0.01, 0.1, 1.0]
+    mask = torch.ones(len(cs), len(y))
+    fit = engine.fit_l2(torch.from_numpy(x), torch.from_numpy(y).double(), mask,
+                        torch.tensor(cs), gtol=1e-10)
+    for i, c in enumerate(cs):
+        ref = LogisticRegression(C=c, solver="newton-cholesky", tol=1e-12).fit(x.astype(np.float64), y)
+        np.testing.assert_allclose(fit.coef[i].numpy(), ref.coef_[0], rtol=1e-3, atol=1e-4)
+        assert abs(fit.intercept[i].item() - ref.intercept_[0]) < 1e-3
+
+
+def test_l2_in_the_row_space_when_n_below_d():
+    x, y = _data(40, 100, 2, noise=2.0)
+    fit = engine.fit_l2(torch.from_numpy(x), torch.from_numpy(y).double(),
+                        torch.ones(1, 40), torch.tensor([0.1]), gtol=1e-10)
+    ref = LogisticRegression(C=0.1, solver="newton-cholesky", tol=1e-12).fit(x.astype(np.float64), y)
+    np.testing.assert_allclose(fit.coef[0].numpy(), ref.coef_[0], rtol=1e-3, atol=1e-4)
+
+
+def test_l1_matches_sklearn_saga_with_masks():
+    x, y = _data(200, 12, 3, noise=1.0)
+    cs, k = [0.05, 0.5], 8
+    features = torch.zeros(2, 12)
+    features[:, :k] = 1
+    fit = engine.fit_l1(torch.from_numpy(x), torch.from_numpy(y).double(), torch.ones(2, 200),
+                        torch.tensor(cs), features=features, max_iter=20000, tol=1e-12)
+    assert (fit.coef[:, k:] == 0).all()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        for i, c in enumerate(cs):
+            ref = LogisticRegression(C=c, penalty="l1", solver="saga", tol=1e-10,
+                                     max_iter=100000).fit(x[:, :k], y)
+            np.testing.assert_allclose(fit.coef[i, :k].numpy(), ref.coef_[0], atol=2e-3)
+            # the same sparsity pattern
+            assert ((fit.coef[i, :k].abs() > 1e-6).numpy() == (np.abs(ref.coef_[0]) > 1e-6)).all()
+
+
+@pytest.mark.parametrize(("n", "penalty"), [(200, "l2"), (60, "l2"), (200, "l1"), (60, "l1")])
+def test_selection_agrees_with_sklearn_on_the_same_folds(n, penalty):
+    x, y = _data(n + 300, 16, 4, noise=1.5)
+    ks = [2, 8, 16] if penalty == "l1" else None
+    args = (x[:n], y[:n], x[n:], y[n:], penalty, ks)
+    fast = probe.select_logreg(*args, backend="torch")
+    ref = probe.select_logreg(*args, backend="sklearn")
+    for a, b in zip(fast, ref):
+        assert abs(a.test_auc - b.test_auc) <= 0.01
+        assert abs(a.val_auc - b.val_auc) <= 0.01
+    same_c = np.mean([a.C == b.C for a, b in zip(fast, ref)])
+    assert same_c >= 0.5
+
+
+def test_tiny_n_uses_c1_and_training_auc():
+    x, y = _data(50, 4, 5)
+    x3, y3 = x[:3], np.array([0, 1, 1])
+    (m,) = probe.select_logreg(x3, y3, x[3:], y[3:])
+    assert m.C == 1.0 and 0 <= m.val_auc <= 1
+
+
+def test_seeded_runs_are_identical():
+    x, y = _data(160, 16, 6)
+    a = probe.select_logreg(x[:60], y[:60], x[60:], y[60:], seed=7)
+    b = probe.select_logreg(x[:60], y[:60], x[60:], y[60:], seed=7)
+    assert a == b

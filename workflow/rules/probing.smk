@@ -1,0 +1,247 @@
+# Sparse probing ("Are Sparse Autoencoders Useful?"): datasets from the sae-probes wheel,
+# last-token activations (one job per model), sparse SAE latents (one job per SAE), probes per
+# (site or SAE, regime), combined CSVs and figures per regime.
+
+from saeflow.probing.datasets import binary_datasets
+
+PROBING = config.get("probing", {})
+PROBING_MODEL = PROBING.get("model")
+
+
+def probing_datasets():
+    """Dataset names probed: the 113 binary ones for "all", else the configured list."""
+    names = PROBING.get("datasets", "all")
+    return list(binary_datasets()) if names == "all" else list(names)
+
+
+def probing_regimes():
+    """normal plus every regime whose grid is not empty."""
+    grids = PROBING.get("regimes", {})
+    return ["normal"] + [r for r in ("scarcity", "imbalance", "label_noise") if grids.get(r)]
+
+
+def probing_site_args():
+    return " ".join(f"--site {s}" for s in probing_sites())
+
+
+def probing_sites():
+    """Sites cached: the baselines' and those the probed SAEs read."""
+    return sorted(set(PROBING.get("sites", [])) | {SAES[i]["site"] for i in PROBING.get("saes", [])})
+
+
+def probing_custom_args():
+    return " ".join(f"--custom {n}={os.path.join(REPO, p)}" for n, p in PROBING.get("custom", {}).items())
+
+
+def probing_acts_args(wildcards, output):
+    return " ".join(f"--dataset {d} --out {o}" for d, o in zip(probing_datasets(), output))
+
+
+def probing_sae_acts_args(wildcards, input, output):
+    return " ".join(f"--acts {a} --out {o}" for a, o in zip(input.acts, output))
+
+
+def probing_layer(site):
+    return int(site.split(".")[1])
+
+
+def probing_site_layer(wildcards):
+    return probing_layer(wildcards.site)
+
+
+def probing_sae_layer(wildcards):
+    return probing_layer(SAES[wildcards.sae_id]["site"])
+
+
+def probing_values(wildcards):
+    return " ".join(str(v) for v in PROBING.get("regimes", {}).get(wildcards.regime, []))
+
+
+def probing_ks(wildcards):
+    key = "ks" if wildcards.regime == "normal" else "regime_ks"
+    return " ".join(str(k) for k in PROBING[key])
+
+
+def probing_all_acts(wildcards):
+    return [f"probing/acts/{PROBING_MODEL}/{d}.h5" for d in probing_datasets()]
+
+
+def probing_all_sae_acts(wildcards):
+    return [f"probing/sae_acts/{wildcards.sae_id}/{d}.h5" for d in probing_datasets()]
+
+
+def probing_regime_baselines(wildcards):
+    return [f"probing/baselines/{s}/{wildcards.regime}.csv" for s in PROBING.get("sites", [])]
+
+
+def probing_regime_saes(wildcards):
+    return [f"probing/sae_probes/{i}/{wildcards.regime}.csv" for i in PROBING.get("saes", [])]
+
+
+def probing_acts_list(wildcards, input):
+    return " ".join(f"--acts {a}" for a in input.acts)
+
+
+def probing_sae_acts_list(wildcards, input):
+    return " ".join(f"--sae-acts {a}" for a in input.acts)
+
+
+def probing_figure_args(wildcards, input):
+    return " ".join([f"--baseline {b}" for b in input.baselines] + [f"--sae {s}" for s in input.saes])
+
+
+def probing_targets():
+    """Every probing table and figure (none without probing.model)."""
+    if not PROBING_MODEL:
+        return []
+    return ["tables/probing_datasets.csv"] + [f"plots/probing/{r}.pdf" for r in probing_regimes()]
+
+
+rule probing_dataset_table:
+    output:
+        table="tables/probing_datasets.csv",
+    params:
+        names=" ".join(f"--dataset {d}" for d in probing_datasets()),
+        custom=probing_custom_args(),
+        max_rows=PROBING.get("max_rows") or 10**9,
+        code=code_version("probing.datasets"),
+    log:
+        "logs/probing_dataset_table/table.log",
+    shell:
+        "python -m saeflow.probing.datasets table {params.names} {params.custom}"
+        " --max-rows {params.max_rows} --out {output.table} > {log} 2>&1"
+
+
+rule probing_acts:
+    input:
+        model=model_input,
+    output:
+        [f"probing/acts/{{model}}/{d}.h5" for d in probing_datasets()],
+    wildcard_constraints:
+        model=alternation([PROBING_MODEL] if PROBING_MODEL else []),
+    params:
+        model=model_path_param,
+        pairs=probing_acts_args,
+        sites=probing_site_args(),
+        custom=probing_custom_args(),
+        max_rows=PROBING.get("max_rows") or 10**9,
+        max_length=PROBING.get("max_length", 1024),
+        batch_tokens=PROBING.get("batch_tokens", 4096),
+        dtype=model_dtype,
+        code=code_version("probing.acts", "probing.datasets"),
+    log:
+        "logs/probing_acts/{model}.log",
+    benchmark:
+        "benchmarks/probing_acts/{model}.tsv"
+    threads: 2
+    resources:
+        mem_mb=model_mem_mb,
+        runtime=240,
+        gpu=1,
+    shell:
+        "python -m saeflow.probing.acts --model {params.model} --model-name {wildcards.model}"
+        " {params.sites} {params.pairs} {params.custom} --max-rows {params.max_rows}"
+        " --max-length {params.max_length} --batch-tokens {params.batch_tokens}"
+        " --dtype {params.dtype} --threads {threads} --device auto > {log} 2>&1"
+
+
+rule probing_sae_acts:
+    input:
+        sae="saes/{sae_id}/cfg.json",
+        weights="saes/{sae_id}/sae_weights.safetensors",
+        acts=probing_all_acts,
+    output:
+        [f"probing/sae_acts/{{sae_id}}/{d}.h5" for d in probing_datasets()],
+    params:
+        pairs=probing_sae_acts_args,
+        site=sae_site,
+        code=code_version("probing.sae_acts"),
+    log:
+        "logs/probing_sae_acts/{sae_id}.log",
+    benchmark:
+        "benchmarks/probing_sae_acts/{sae_id}.tsv"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=60,
+    shell:
+        "python -m saeflow.probing.sae_acts --sae saes/{wildcards.sae_id} --sae-id {wildcards.sae_id}"
+        " --site {params.site} {params.pairs} --threads {threads} > {log} 2>&1"
+
+
+rule probing_baseline:
+    input:
+        acts=probing_all_acts,
+    output:
+        table="probing/baselines/{site}/{regime}.csv",
+    params:
+        acts_args=probing_acts_list,
+        layer=probing_site_layer,
+        values=probing_values,
+        backend=PROBING.get("backend", "torch"),
+        seed=PROBING.get("seed", 42),
+        code=code_version("probing.run", "probing.probe", "probing.engine", "probing.regimes"),
+    log:
+        "logs/probing_baseline/{site}/{regime}.log",
+    benchmark:
+        "benchmarks/probing_baseline/{site}/{regime}.tsv"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=120,
+    shell:
+        "python -m saeflow.probing.run baseline {params.acts_args} --site {wildcards.site}"
+        " --layer {params.layer} --regime {wildcards.regime} --values {params.values}"
+        " --backend {params.backend} --seed {params.seed} --threads {threads}"
+        " --out {output.table} > {log} 2>&1"
+
+
+rule probing_sae_probes:
+    input:
+        acts=probing_all_sae_acts,
+    output:
+        table="probing/sae_probes/{sae_id}/{regime}.csv",
+    params:
+        acts_args=probing_sae_acts_list,
+        layer=probing_sae_layer,
+        values=probing_values,
+        ks=probing_ks,
+        ranking=PROBING.get("ranking", "normalized_mean_diff"),
+        binarize="--binarize" if PROBING.get("binarize") else "",
+        backend=PROBING.get("backend", "torch"),
+        seed=PROBING.get("seed", 42),
+        code=code_version("probing.run", "probing.probe", "probing.engine", "probing.regimes"),
+    log:
+        "logs/probing_sae_probes/{sae_id}/{regime}.log",
+    benchmark:
+        "benchmarks/probing_sae_probes/{sae_id}/{regime}.tsv"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=120,
+    shell:
+        "python -m saeflow.probing.run sae {params.acts_args} --sae-id {wildcards.sae_id}"
+        " --layer {params.layer} --regime {wildcards.regime} --values {params.values}"
+        " --ks {params.ks} --ranking {params.ranking} {params.binarize}"
+        " --backend {params.backend} --seed {params.seed} --threads {threads}"
+        " --out {output.table} > {log} 2>&1"
+
+
+rule probing_figure:
+    input:
+        baselines=probing_regime_baselines,
+        saes=probing_regime_saes,
+    output:
+        baselines="tables/probing/{regime}/baseline_results.csv",
+        sae="tables/probing/{regime}/all_metrics.csv",
+        table="plots/probing/{regime}.csv",
+        pdf="plots/probing/{regime}.pdf",
+    params:
+        args=probing_figure_args,
+        code=code_version("probing.figures"),
+    log:
+        "logs/probing_figure/{regime}.log",
+    shell:
+        "python -m saeflow.probing.figures --regime {wildcards.regime} {params.args}"
+        " --out-baselines {output.baselines} --out-sae {output.sae} --table {output.table}"
+        " --pdf {output.pdf} > {log} 2>&1"
