@@ -92,10 +92,7 @@ def find_acts(root: Path, n_needed: int) -> tuple[Path | None, str]:
             with h5io.H5File(path, "r") as h5:
                 if "acts" not in h5 or h5.attrs.get("complete") != 1:
                     continue
-                acts = h5["acts"]
-                if not isinstance(acts, h5py.Dataset):
-                    continue
-                n, d = acts.shape
+                n, d = h5["acts"].shape
         except OSError:
             continue
         if d == D_IN and n >= n_needed:

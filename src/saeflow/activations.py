@@ -17,6 +17,7 @@ import threading
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import h5py
 import numpy as np
@@ -28,6 +29,9 @@ from saeflow import h5io
 from saeflow.device import DEVICE_HELP, resolve_device
 from saeflow.metrics import next_token_ce
 from saeflow.models import load_model, parse_site, resolve_site
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 # Order of sites inside one decoder layer: nnsight must be asked for outputs in execution order.
 _KIND_ORDER = {"attn_out": 0, "mlp_out": 1, "resid_post": 2}
@@ -48,7 +52,7 @@ def execution_order(sites: Sequence[str]) -> list[str]:
 
 
 def capture_batch(
-    traced: NNsight, model: torch.nn.Module, ids: torch.Tensor, sites: Sequence[str]
+    traced: NNsight, model: PreTrainedModel, ids: torch.Tensor, sites: Sequence[str]
 ) -> dict[str, torch.Tensor]:
     """Run ``ids`` [b, t] through the model up to the last site; return {site: [b, t, d]}."""
     envoys = [envoy_for(traced, model, resolve_site(model, s)[0]) for s in sites]
@@ -57,7 +61,9 @@ def capture_batch(
         for site, envoy in zip(sites, envoys):
             out = envoy.output
             saved[site] = (out[0] if isinstance(out, tuple) else out).save()
-        tracer.stop()
+        # nnsight's InterleavingTracer has stop() (it ends the forward pass after the last site);
+        # its type stubs do not declare it.
+        tracer.stop()  # pyright: ignore[reportAttributeAccessIssue]
     return {site: value.detach() for site, value in saved.items()}
 
 
@@ -97,7 +103,7 @@ class BackgroundWriter:
             raise self._error
 
 
-def read_tokens(path: str) -> h5py.File:
+def read_tokens(path: str) -> h5io.H5File:
     """Open a tokens file, checking its layout."""
     return h5io.open_checked(path, datasets={"tokens": (None, None)})
 

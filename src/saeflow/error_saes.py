@@ -127,7 +127,8 @@ class ComponentBatches:
 
     def __init__(self, batches: ActivationBatches, sae: Any, fit: LinearFit,
                  component: Component, device: str = "cpu") -> None:
-        self.batches, self.component, self.device = batches, component, device
+        self.batches, self.device = batches, device
+        self.component: Component = component
         self.sae = sae.to(device)
         self.fit = LinearFit(fit.weight.to(device), fit.bias.to(device), fit.solver)
         self.d = batches.d

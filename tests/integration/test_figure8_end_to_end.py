@@ -10,11 +10,12 @@ import json
 import math
 from pathlib import Path
 
-import h5py
 import numpy as np
 import pandas as pd
 import pytest
 import yaml
+
+from saeflow.h5io import H5File
 
 pytestmark = pytest.mark.integration
 
@@ -56,7 +57,7 @@ def test_summaries_count_every_request(clean_run, ai):
         folder = clean_run / f"autointerp/{sae_id}"
         summary = json.loads((folder / "summary.json").read_text())
         records = [json.loads(line) for line in (folder / "results.jsonl").read_text().splitlines()]
-        with h5py.File(folder / "examples.h5") as h5:
+        with H5File(folder / "examples.h5") as h5:
             n_latents, kind = len(h5["latents"]), h5["kind"][:]
         assert summary["latents"] == len(records) == n_latents
         assert 1 <= n_latents <= ai["n_latents"]

@@ -8,7 +8,7 @@ import torch
 from saeflow import activations
 from saeflow.activations import cache_activations, cache_loss, execution_order
 from saeflow.data import write_tokens
-from saeflow.h5io import InputFileError, open_checked
+from saeflow.h5io import H5File, InputFileError, open_checked
 from saeflow.models import load_model, resolve_site, site_activation
 
 N_SEQ, CTX, SKIP = 5, 12, 1
@@ -96,7 +96,7 @@ def test_per_token_loss_matches_the_model_loss(packaged_model_dir, tokens_file, 
     ids = torch.from_numpy(tokens.astype(np.int64))
     with torch.no_grad():
         mean_loss = model(ids, labels=ids).loss.item()
-    with h5py.File(out) as h5:
+    with H5File(out) as h5:
         assert h5["loss"].shape == (N_SEQ, CTX - 1)
         assert h5["loss"][:].mean() == pytest.approx(mean_loss, rel=1e-5)
 

@@ -101,9 +101,9 @@ def draw_figure2(fig: Figure, table: pd.DataFrame, opts: PlotOptions) -> None:
     ks = sorted(table.k.unique())
     colors = matplotlib.colormaps["viridis"](np.linspace(0.1, 0.8, len(ks)))
     for k, color in zip(ks, colors):
-        rows = table[table.k == k]
+        rows = table.loc[table.k == k]
         for quantity, marker, name in [("fvu", "o", "FVU"), ("fvu_nonlinear", "s", "nonlinear FVU")]:
-            measured = rows[(rows.kind == "measured") & (rows.quantity == quantity)]
+            measured = rows.loc[(rows.kind == "measured") & (rows.quantity == quantity)]
             ax.plot(measured.width, measured.value, marker, color=color, ms=4,
                     mfc=color if quantity == "fvu" else "none", label=f"{name}, k = {k}")
         for kind, style in [("fit", "-"), ("mean", "--")]:

@@ -60,7 +60,7 @@ def draw_figure9(fig: Figure, table: pd.DataFrame, opts: PlotOptions) -> None:
     axes = fig.subplots(1, 2, sharey=True)
     for ax, panel, xcol, xlabel in [(axes[0], "width", "width", "SAE width"),
                                     (axes[1], "k", "l0", "L0 (k)")]:
-        rows = table[table.panel == panel]
+        rows = table.loc[table.panel == panel]
         for setting, (label, color, marker) in SETTING_STYLE.items():
             line = rows.loc[rows.setting == setting].sort_values(xcol)
             ax.plot(line[xcol], line.pct_recovered, marker=marker, color=color, ms=4, lw=1,
@@ -115,7 +115,7 @@ def draw_figure10b(fig: Figure, table: pd.DataFrame, opts: PlotOptions) -> None:
         width = 0.8 / len(predictors)
         colors = matplotlib.colormaps["tab10"](np.arange(len(predictors)))
         for i, (predictor, color) in enumerate(zip(predictors, colors)):
-            part = rows[rows.predictor == predictor].set_index("source").reindex(sources)
+            part = rows.loc[rows.predictor == predictor].set_index("source").reindex(sources)
             xs = np.arange(len(sources)) + (i - (len(predictors) - 1) / 2) * width
             values = part.r2.to_numpy()
             ax.bar(xs, np.maximum(values, R2_FLOOR), width, color=color, label=predictor)
