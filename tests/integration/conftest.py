@@ -18,7 +18,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 # What a run reads, plus the SLURM profile link and the CI scripts (test_slurm runs them here).
-SNAPSHOT_PARTS = ("Snakefile", "workflow", "config", "src", "slurm", ".ci")
+SNAPSHOT_PARTS = ("Snakefile", "workflow", "config", "envs", "src", "slurm", ".ci")
 
 Snakemake = Callable[..., subprocess.CompletedProcess]
 
