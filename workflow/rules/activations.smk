@@ -2,16 +2,6 @@
 # pass that stops after the last layer needed; the full model's per-token loss is its own job.
 
 
-def site_args(wildcards, output):
-    """--site/--out pairs, in the order of the rule's outputs."""
-    sites = sites_to_cache(config, wildcards.model)
-    return " ".join(f"--site {s} --out {o}" for s, o in zip(sites, output))
-
-
-def model_path_param(wildcards):
-    return model_path(wildcards.model)
-
-
 for _model in config["models"]:
 
     rule:

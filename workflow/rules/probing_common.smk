@@ -1,0 +1,97 @@
+# Helpers of probing.smk: the configuration it reads and the named functions its rules call.
+# Kept out of that file so that it holds rules only (snakemake --lint); included from the
+# Snakefile just before probing.smk.
+
+from saeflow.probing.datasets import binary_datasets
+
+PROBING = config.get("probing", {})
+PROBING_MODEL = PROBING.get("model")
+
+
+def probing_datasets():
+    """Dataset names probed: the 113 binary ones for "all", else the configured list."""
+    names = PROBING.get("datasets", "all")
+    return list(binary_datasets()) if names == "all" else list(names)
+
+
+def probing_regimes():
+    """normal plus every regime whose grid is not empty."""
+    grids = PROBING.get("regimes", {})
+    return ["normal"] + [r for r in ("scarcity", "imbalance", "label_noise") if grids.get(r)]
+
+
+def probing_site_args():
+    return " ".join(f"--site {s}" for s in probing_sites())
+
+
+def probing_sites():
+    """Sites cached: the baselines' and those the probed SAEs read."""
+    return sorted(set(PROBING.get("sites", [])) | {SAES[i]["site"] for i in PROBING.get("saes", [])})
+
+
+def probing_custom_args():
+    return " ".join(f"--custom {n}={os.path.join(REPO, p)}" for n, p in PROBING.get("custom", {}).items())
+
+
+def probing_acts_args(wildcards, output):
+    return " ".join(f"--dataset {d} --out {o}" for d, o in zip(probing_datasets(), output))
+
+
+def probing_sae_acts_args(wildcards, input, output):
+    return " ".join(f"--acts {a} --out {o}" for a, o in zip(input.acts, output))
+
+
+def probing_layer(site):
+    return int(site.split(".")[1])
+
+
+def probing_site_layer(wildcards):
+    return probing_layer(wildcards.site)
+
+
+def probing_sae_layer(wildcards):
+    return probing_layer(SAES[wildcards.sae_id]["site"])
+
+
+def probing_values(wildcards):
+    return " ".join(str(v) for v in PROBING.get("regimes", {}).get(wildcards.regime, []))
+
+
+def probing_ks(wildcards):
+    key = "ks" if wildcards.regime == "normal" else "regime_ks"
+    return " ".join(str(k) for k in PROBING[key])
+
+
+def probing_all_acts(wildcards):
+    return [f"probing/acts/{PROBING_MODEL}/{d}.h5" for d in probing_datasets()]
+
+
+def probing_all_sae_acts(wildcards):
+    return [f"probing/sae_acts/{wildcards.sae_id}/{d}.h5" for d in probing_datasets()]
+
+
+def probing_regime_baselines(wildcards):
+    return [f"probing/baselines/{s}/{wildcards.regime}.csv" for s in PROBING.get("sites", [])]
+
+
+def probing_regime_saes(wildcards):
+    return [f"probing/sae_probes/{i}/{wildcards.regime}.csv" for i in PROBING.get("saes", [])]
+
+
+def probing_acts_list(wildcards, input):
+    return " ".join(f"--acts {a}" for a in input.acts)
+
+
+def probing_sae_acts_list(wildcards, input):
+    return " ".join(f"--sae-acts {a}" for a in input.acts)
+
+
+def probing_figure_args(wildcards, input):
+    return " ".join([f"--baseline {b}" for b in input.baselines] + [f"--sae {s}" for s in input.saes])
+
+
+def probing_targets():
+    """Every probing table and figure (none without probing.model)."""
+    if not PROBING_MODEL:
+        return []
+    return ["tables/probing_datasets.csv"] + [f"plots/probing/{r}.pdf" for r in probing_regimes()]
