@@ -29,6 +29,8 @@ for _model in config["models"]:
             "logs/cache_activations/{model}/{corpus}.log",
         benchmark:
             "benchmarks/cache_activations/{model}/{corpus}.tsv"
+        conda:
+            "../../envs/saeflow.yaml"
         threads: 2
         resources:
             mem_mb=model_mem_mb,
@@ -57,6 +59,8 @@ rule lm_loss:
         "logs/lm_loss/{model}/{corpus}.log",
     benchmark:
         "benchmarks/lm_loss/{model}/{corpus}.tsv"
+    conda:
+        "../../envs/saeflow.yaml"
     threads: 2
     resources:
         mem_mb=model_mem_mb,

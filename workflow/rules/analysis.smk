@@ -25,6 +25,8 @@ rule analyze_features:
         "logs/analyze_features/{sae_id}.log",
     benchmark:
         "benchmarks/analyze_features/{sae_id}.tsv"
+    conda:
+        "../../envs/saeflow.yaml"
     threads: 1
     resources:
         mem_mb=sae_model_mem_mb,
@@ -52,6 +54,8 @@ rule load_features:
         code=code_version("analysis.store"),
     log:
         "logs/load_features/{sae_id}.log",
+    conda:
+        "../../envs/saeflow.yaml"
     threads: 1
     resources:
         mem_mb=2000,
@@ -78,6 +82,8 @@ rule feature_dashboard:
         code=code_version("analysis.dashboard"),
     log:
         "logs/feature_dashboard/{sae_id}.log",
+    conda:
+        "../../envs/saeflow.yaml"
     threads: 1
     resources:
         mem_mb=2000,

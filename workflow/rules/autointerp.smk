@@ -25,6 +25,8 @@ rule fit_error_map:
         "logs/fit_error_map/{base_sae}/{corpus}.log",
     benchmark:
         "benchmarks/fit_error_map/{base_sae}/{corpus}.tsv"
+    conda:
+        "../../envs/saeflow.yaml"
     threads: 1
     resources:
         mem_mb=4000,
@@ -66,6 +68,8 @@ rule train_error_sae:
         "logs/train_error_sae/{base_sae}-{component}_error.log",
     benchmark:
         "benchmarks/train_error_sae/{base_sae}-{component}_error.tsv"
+    conda:
+        "../../envs/saeflow.yaml"
     threads: 2
     resources:
         mem_mb=8000,
@@ -109,6 +113,8 @@ rule latent_examples:
         "logs/latent_examples/{base_sae}-{component}_error.log",
     benchmark:
         "benchmarks/latent_examples/{base_sae}-{component}_error.tsv"
+    conda:
+        "../../envs/saeflow.yaml"
     threads: 1
     resources:
         mem_mb=4000,
@@ -152,6 +158,8 @@ rule score_latents:
         "benchmarks/score_latents/{sae_id}.tsv"
     # A local server uses the job's threads; llm_server=1 lets a profile or --resources run one
     # server at a time (two 135M-parameter servers on 2 cores only slow each other down).
+    conda:
+        "../../envs/saeflow.yaml"
     threads: AI["server"]["threads"] if AI["server"]["kind"] == "local" else 1
     resources:
         mem_mb=6000,
@@ -178,6 +186,8 @@ rule figure8_table:
         code=code_version("figures.figure8", "autointerp.scoring"),
     log:
         "logs/figure8_table/figure8.log",
+    conda:
+        "../../envs/saeflow.yaml"
     threads: 1
     resources:
         mem_mb=2000,
@@ -197,6 +207,8 @@ rule plot_figure8:
         code=code_version("figures.figure8", "figures.pdf"),
     log:
         "logs/plot_figure8/figure8.log",
+    conda:
+        "../../envs/saeflow.yaml"
     threads: 1
     resources:
         mem_mb=2000,

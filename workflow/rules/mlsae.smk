@@ -24,6 +24,8 @@ rule cache_mlsae_activations:
         "logs/cache_mlsae_activations/{corpus}.log",
     benchmark:
         "benchmarks/cache_mlsae_activations/{corpus}.tsv"
+    conda:
+        "../../envs/saeflow.yaml"
     threads: 2
     resources:
         mem_mb=mlsae_model_mem_mb,
@@ -56,6 +58,8 @@ rule train_mlsae:
         "logs/train_mlsae/{mlsae_id}.log",
     benchmark:
         "benchmarks/train_mlsae/{mlsae_id}.tsv"
+    conda:
+        "../../envs/saeflow.yaml"
     threads: 2
     resources:
         mem_mb=8000,
@@ -81,6 +85,8 @@ rule import_mlsae:
         code=code_version("mlsae.pretrained", "mlsae.trainer"),
     log:
         "logs/import_mlsae/{mlsae_id}.log",
+    conda:
+        "../../envs/saeflow.yaml"
     resources:
         mem_mb=4000,
         runtime=60,
@@ -115,6 +121,8 @@ rule evaluate_mlsae:
         "logs/evaluate_mlsae/{mlsae_id}.log",
     benchmark:
         "benchmarks/evaluate_mlsae/{mlsae_id}.tsv"
+    conda:
+        "../../envs/saeflow.yaml"
     threads: 2
     resources:
         mem_mb=mlsae_model_mem_mb,
@@ -143,6 +151,8 @@ rule mlsae_tables:
         code=code_version("mlsae.evaluate"),
     log:
         "logs/mlsae_tables/tables.log",
+    conda:
+        "../../envs/saeflow.yaml"
     shell:
         "python -m saeflow.mlsae.evaluate table --summaries {input.summaries}"
         " --layer-csvs {input.layers} --variances {input.variances} --out {output.table}"
@@ -161,6 +171,8 @@ rule plot_mlsae_dists:
         code=code_version("figures.mlsae", "figures.pdf", "mlsae.math"),
     log:
         "logs/plot_mlsae_dists/{mlsae_id}.log",
+    conda:
+        "../../envs/saeflow.yaml"
     shell:
         "python -m saeflow.figures.mlsae dists --dists {input.dists}"
         " --sae-id {wildcards.mlsae_id} --csv {output.csv} --pdf {output.pdf} > {log} 2>&1"
@@ -176,6 +188,8 @@ rule plot_mlsae_fvu:
         code=code_version("figures.mlsae", "figures.pdf"),
     log:
         "logs/plot_mlsae_fvu/fvu.log",
+    conda:
+        "../../envs/saeflow.yaml"
     shell:
         "python -m saeflow.figures.mlsae fvu --layers {input.layers} --csv {output.csv}"
         " --pdf {output.pdf} > {log} 2>&1"

@@ -13,6 +13,8 @@ rule probing_dataset_table:
         code=code_version("probing.datasets"),
     log:
         "logs/probing_dataset_table/table.log",
+    conda:
+        "../../envs/saeflow.yaml"
     shell:
         "python -m saeflow.probing.datasets table {params.names} {params.custom}"
         " --max-rows {params.max_rows} --out {output.table} > {log} 2>&1"
@@ -39,6 +41,8 @@ rule probing_acts:
         "logs/probing_acts/{model}.log",
     benchmark:
         "benchmarks/probing_acts/{model}.tsv"
+    conda:
+        "../../envs/saeflow.yaml"
     threads: 2
     resources:
         mem_mb=model_mem_mb,
@@ -66,6 +70,8 @@ rule probing_sae_acts:
         "logs/probing_sae_acts/{sae_id}.log",
     benchmark:
         "benchmarks/probing_sae_acts/{sae_id}.tsv"
+    conda:
+        "../../envs/saeflow.yaml"
     threads: 1
     resources:
         mem_mb=4000,
@@ -91,6 +97,8 @@ rule probing_baseline:
         "logs/probing_baseline/{site}/{regime}.log",
     benchmark:
         "benchmarks/probing_baseline/{site}/{regime}.tsv"
+    conda:
+        "../../envs/saeflow.yaml"
     threads: 1
     resources:
         mem_mb=4000,
@@ -121,6 +129,8 @@ rule probing_sae_probes:
         "logs/probing_sae_probes/{sae_id}/{regime}.log",
     benchmark:
         "benchmarks/probing_sae_probes/{sae_id}/{regime}.tsv"
+    conda:
+        "../../envs/saeflow.yaml"
     threads: 1
     resources:
         mem_mb=4000,
@@ -147,6 +157,8 @@ rule probing_figure:
         code=code_version("probing.figures"),
     log:
         "logs/probing_figure/{regime}.log",
+    conda:
+        "../../envs/saeflow.yaml"
     shell:
         "python -m saeflow.probing.figures --regime {wildcards.regime} {params.args}"
         " --out-baselines {output.baselines} --out-sae {output.sae} --table {output.table}"

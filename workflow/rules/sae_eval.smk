@@ -24,6 +24,8 @@ rule evaluate_sae:
         "logs/evaluate_sae/{sae_id}/{corpus}.log",
     benchmark:
         "benchmarks/evaluate_sae/{sae_id}/{corpus}.tsv"
+    conda:
+        "../../envs/saeflow.yaml"
     threads: 2
     resources:
         mem_mb=sae_model_mem_mb,
@@ -48,6 +50,8 @@ rule summarize_saes:
         code=code_version("sae_eval"),
     log:
         "logs/summarize_saes/summary.log",
+    conda:
+        "../../envs/saeflow.yaml"
     shell:
         "python -m saeflow.sae_eval summarize --metrics {input.metrics}"
         " --error-saes {input.error_saes} --out {output.table} > {log} 2>&1"

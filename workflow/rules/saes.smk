@@ -19,6 +19,8 @@ rule train_sae:
         "logs/train_sae/{sae_id}.log",
     benchmark:
         "benchmarks/train_sae/{sae_id}.tsv"
+    conda:
+        "../../envs/saeflow.yaml"
     threads: 2
     resources:
         mem_mb=8000,
@@ -43,6 +45,8 @@ rule import_sae:
         code=code_version("saes"),
     log:
         "logs/import_sae/{sae_id}.log",
+    conda:
+        "../../envs/saeflow.yaml"
     resources:
         mem_mb=8000,
         runtime=60,

@@ -17,6 +17,8 @@ rule toy_acts:
         code=code_version("toy"),
     log:
         "logs/toy_acts/{toy}.log",
+    conda:
+        "../../envs/saeflow.yaml"
     resources:
         mem_mb=2000,
         runtime=10,
@@ -42,6 +44,8 @@ rule train_toy_sae:
         "logs/train_sae/toy/{toy}/{variant}.log",
     benchmark:
         "benchmarks/train_sae/toy/{toy}/{variant}.tsv"
+    conda:
+        "../../envs/saeflow.yaml"
     threads: 1
     resources:
         mem_mb=2000,
@@ -64,6 +68,8 @@ rule toy_recovery:
         code=code_version("toy"),
     log:
         "logs/toy_recovery/toy_recovery.log",
+    conda:
+        "../../envs/saeflow.yaml"
     resources:
         mem_mb=2000,
         runtime=10,
@@ -83,6 +89,8 @@ rule plot_toy_recovery:
         code=code_version("toy"),
     log:
         "logs/plot_toy_recovery/toy_recovery.log",
+    conda:
+        "../../envs/saeflow.yaml"
     resources:
         mem_mb=1000,
         runtime=5,
