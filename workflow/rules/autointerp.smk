@@ -138,7 +138,7 @@ rule score_latents:
     wildcard_constraints:
         sae_id=alternation(AI_SAES),
     params:
-        tokenizer=model_path(AI_SET["model"]) if AI_BASE else "",
+        tokenizer=autointerp_tokenizer,
         server=server_args,
         concurrency=AI["score"]["concurrency"],
         timeout=AI["score"]["timeout"],

@@ -39,6 +39,12 @@ def autointerp_acts(corpus):
     return f"acts/{AI_SET['model']}/{corpus}/{AI_SET['site']}.h5"
 
 
+def autointerp_tokenizer(wildcards):
+    """Where score_latents reads the tokenizer: the base SAE's model (an input function, so that
+    snakemake --lint does not take the packaged model's folder for a hardcoded path prefix)."""
+    return model_path(AI_SET["model"]) if AI_BASE else ""
+
+
 def server_args(wildcards):
     """How score_latents reaches its LLM: a local transformers serve, or a remote endpoint."""
     server = AI["server"]

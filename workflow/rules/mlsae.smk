@@ -19,6 +19,7 @@ rule cache_mlsae_activations:
         batch_size=config["activations"]["batch_size"],
         skip=config["activations"]["skip_positions"],
         chunk=config["activations"]["chunk_tokens"],
+        model_name=MLSAE.get("model"),
         code=code_version("activations"),
     log:
         "logs/cache_mlsae_activations/{corpus}.log",
@@ -35,7 +36,7 @@ rule cache_mlsae_activations:
         "python -m saeflow.activations cache --model {params.model} --tokens {input.tokens}"
         " {params.sites} --batch-size {params.batch_size} --dtype {params.dtype}"
         " --skip-positions {params.skip} --chunk-tokens {params.chunk}"
-        " --model-name {MLSAE[model]} --corpus {wildcards.corpus} --threads {threads}"
+        " --model-name {params.model_name} --corpus {wildcards.corpus} --threads {threads}"
         " --device auto > {log} 2>&1"
 
 
