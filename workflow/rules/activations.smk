@@ -15,8 +15,19 @@ for _model in config["models"]:
                 "acts/{{model}}/{{corpus}}/{site}.h5",
                 site=sites_to_cache(config, _model),
             ),
+        log:
+            "logs/cache_activations/{model}/{corpus}.log",
+        benchmark:
+            "benchmarks/cache_activations/{model}/{corpus}.tsv"
         wildcard_constraints:
             model=re.escape(_model),
+        conda:
+            "../../envs/saeflow.yaml"
+        threads: 2
+        resources:
+            mem_mb=model_mem_mb,
+            runtime=120,
+            gpu=1,
         params:
             model=model_path_param,
             sites=site_args,
@@ -25,17 +36,6 @@ for _model in config["models"]:
             skip=config["activations"]["skip_positions"],
             chunk=config["activations"]["chunk_tokens"],
             code=code_version("activations"),
-        log:
-            "logs/cache_activations/{model}/{corpus}.log",
-        benchmark:
-            "benchmarks/cache_activations/{model}/{corpus}.tsv"
-        conda:
-            "../../envs/saeflow.yaml"
-        threads: 2
-        resources:
-            mem_mb=model_mem_mb,
-            runtime=120,
-            gpu=1,
         shell:
             "python -m saeflow.activations cache --model {params.model} --tokens {input.tokens}"
             " {params.sites} --batch-size {params.batch_size} --dtype {params.dtype}"
@@ -50,11 +50,6 @@ rule lm_loss:
         tokens="data/tokens/{corpus}.h5",
     output:
         loss="acts/{model}/{corpus}/lm_loss.h5",
-    params:
-        model=model_path_param,
-        batch_size=config["activations"]["batch_size"],
-        dtype=model_dtype,
-        code=code_version("activations", "metrics"),
     log:
         "logs/lm_loss/{model}/{corpus}.log",
     benchmark:
@@ -66,6 +61,11 @@ rule lm_loss:
         mem_mb=model_mem_mb,
         runtime=120,
         gpu=1,
+    params:
+        model=model_path_param,
+        batch_size=config["activations"]["batch_size"],
+        dtype=model_dtype,
+        code=code_version("activations", "metrics"),
     shell:
         "python -m saeflow.activations loss --model {params.model} --tokens {input.tokens}"
         " --out {output.loss} --batch-size {params.batch_size} --dtype {params.dtype}"

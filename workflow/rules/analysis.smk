@@ -15,22 +15,22 @@ rule analyze_features:
     output:
         features="analysis/{sae_id}/features.jsonl.gz",
         summary="analysis/{sae_id}/summary.json",
-    wildcard_constraints:
-        sae_id=alternation(AN_SAES),
-    params:
-        model=sae_model_path,
-        options=analysis_options,
-        code=code_version("analysis.analyze", "analysis.stats"),
     log:
         "logs/analyze_features/{sae_id}.log",
     benchmark:
         "benchmarks/analyze_features/{sae_id}.tsv"
+    wildcard_constraints:
+        sae_id=alternation(AN_SAES),
     conda:
         "../../envs/saeflow.yaml"
     threads: 1
     resources:
         mem_mb=sae_model_mem_mb,
         runtime=60,
+    params:
+        model=sae_model_path,
+        options=analysis_options,
+        code=code_version("analysis.analyze", "analysis.stats"),
     shell:
         "python -m saeflow.analysis.analyze --info {input.info} --acts {input.acts}"
         " --sae saes/{wildcards.sae_id} --model {params.model} --sae-id {wildcards.sae_id}"
@@ -46,14 +46,10 @@ rule load_features:
         autointerp=analysis_autointerp,
     output:
         stamp="analysis/{sae_id}/loaded.json",
-    wildcard_constraints:
-        sae_id=alternation(AN_SAES),
-    params:
-        db=AN["db"],
-        autointerp=analysis_autointerp_flag,
-        code=code_version("analysis.store"),
     log:
         "logs/load_features/{sae_id}.log",
+    wildcard_constraints:
+        sae_id=alternation(AN_SAES),
     conda:
         "../../envs/saeflow.yaml"
     threads: 1
@@ -61,6 +57,10 @@ rule load_features:
         mem_mb=2000,
         runtime=20,
         feature_db=1,
+    params:
+        db=AN["db"],
+        autointerp=analysis_autointerp_flag,
+        code=code_version("analysis.store"),
     shell:
         "python -m saeflow.analysis.store load --db {params.db} --sae-id {wildcards.sae_id}"
         " --features {input.features} --summary {input.summary} --metrics {input.metrics}"
@@ -73,21 +73,25 @@ rule feature_dashboard:
         summary="analysis/{sae_id}/summary.json",
         metrics=f"sae_eval/{{sae_id}}/{EVAL_CORPUS}.metrics.json",
     output:
-        html=report("plots/dashboards/{sae_id}/index.html", caption="../report/dashboard.rst",
-                    category="Feature dashboards", labels={"sae": "{sae_id}"}),
-    wildcard_constraints:
-        sae_id=alternation(AN_SAES),
-    params:
-        n=AN["dashboard_latents"],
-        code=code_version("analysis.dashboard"),
+        html=report(
+            "plots/dashboards/{sae_id}/index.html",
+            caption="../report/dashboard.rst",
+            category="Feature dashboards",
+            labels={"sae": "{sae_id}"},
+        ),
     log:
         "logs/feature_dashboard/{sae_id}.log",
+    wildcard_constraints:
+        sae_id=alternation(AN_SAES),
     conda:
         "../../envs/saeflow.yaml"
     threads: 1
     resources:
         mem_mb=2000,
         runtime=10,
+    params:
+        n=AN["dashboard_latents"],
+        code=code_version("analysis.dashboard"),
     shell:
         "python -m saeflow.analysis.dashboard --features {input.features}"
         " --summary {input.summary} --metrics {input.metrics} --n {params.n}"

@@ -8,14 +8,27 @@ AN = config["analysis"]
 AN_SAES = AN["saes"]
 for _sae in AN_SAES:
     if _sae not in SAES:
-        raise WorkflowError(f"analysis.saes: '{_sae}' is not an SAE of this config "
-                            f"(SAEs: {', '.join(sorted(SAES))})")
+        raise WorkflowError(
+            f"analysis.saes: '{_sae}' is not an SAE of this config "
+            f"(SAEs: {', '.join(sorted(SAES))})"
+        )
 
 
 def analysis_options(wildcards):
     """The analyzer's knobs as flags."""
-    keys = ("n_top", "n_bins", "n_per_bin", "n_nonact", "n_hist", "n_logits", "n_neighbours",
-            "before", "after", "chunk_tokens", "seed")
+    keys = (
+        "n_top",
+        "n_bins",
+        "n_per_bin",
+        "n_nonact",
+        "n_hist",
+        "n_logits",
+        "n_neighbours",
+        "before",
+        "after",
+        "chunk_tokens",
+        "seed",
+    )
     return " ".join(f"--{key.replace('_', '-')} {AN[key]}" for key in keys)
 
 
@@ -39,4 +52,5 @@ def analysis_acts(wildcards):
 def analysis_targets():
     """The loads and dashboards of every analysed SAE (for all_targets)."""
     return [f"analysis/{s}/loaded.json" for s in AN_SAES] + [
-        f"plots/dashboards/{s}/index.html" for s in AN_SAES]
+        f"plots/dashboards/{s}/index.html" for s in AN_SAES
+    ]

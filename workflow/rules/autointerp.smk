@@ -15,22 +15,22 @@ rule fit_error_map:
         weights="saes/{base_sae}/sae_weights.safetensors",
     output:
         fit="error_saes/{base_sae}/{corpus}/fit.h5",
-    wildcard_constraints:
-        base_sae=alternation([AI_BASE] if AI_BASE else []),
-        corpus=alternation(sorted(config["corpora"])),
-    params:
-        chunk=AI["chunk_tokens"],
-        code=code_version("error_saes", "dark_matter.regression"),
     log:
         "logs/fit_error_map/{base_sae}/{corpus}.log",
     benchmark:
         "benchmarks/fit_error_map/{base_sae}/{corpus}.tsv"
+    wildcard_constraints:
+        base_sae=alternation([AI_BASE] if AI_BASE else []),
+        corpus=alternation(sorted(config["corpora"])),
     conda:
         "../../envs/saeflow.yaml"
     threads: 1
     resources:
         mem_mb=4000,
         runtime=30,
+    params:
+        chunk=AI["chunk_tokens"],
+        code=code_version("error_saes", "dark_matter.regression"),
     shell:
         "python -m saeflow.error_saes fit --acts {input.acts} --base-sae saes/{wildcards.base_sae}"
         " --out {output.fit} --chunk-tokens {params.chunk} --threads {threads} > {log} 2>&1"
@@ -45,9 +45,20 @@ rule train_error_sae:
     output:
         cfg="saes/{base_sae}-{component}_error/cfg.json",
         weights="saes/{base_sae}-{component}_error/sae_weights.safetensors",
+    log:
+        "logs/train_error_sae/{base_sae}-{component}_error.log",
+    benchmark:
+        "benchmarks/train_error_sae/{base_sae}-{component}_error.tsv"
     wildcard_constraints:
         base_sae=alternation([AI_BASE] if AI_BASE else []),
         component=alternation(AI_COMPONENTS),
+    conda:
+        "../../envs/saeflow.yaml"
+    threads: 2
+    resources:
+        mem_mb=8000,
+        runtime=240,
+        gpu=1,
     params:
         width=AI["width"],
         k=AI["k"],
@@ -64,17 +75,6 @@ rule train_error_sae:
         model=AI_SET.get("model"),
         corpus=AI_SET.get("train_corpus"),
         code=code_version("error_saes", "topk", "batches"),
-    log:
-        "logs/train_error_sae/{base_sae}-{component}_error.log",
-    benchmark:
-        "benchmarks/train_error_sae/{base_sae}-{component}_error.tsv"
-    conda:
-        "../../envs/saeflow.yaml"
-    threads: 2
-    resources:
-        mem_mb=8000,
-        runtime=240,
-        gpu=1,
     shell:
         "python -m saeflow.error_saes train --acts {input.acts}"
         " --base-sae saes/{wildcards.base_sae} --base-sae-id {wildcards.base_sae}"
@@ -99,26 +99,35 @@ rule latent_examples:
         fit=f"error_saes/{{base_sae}}/{AI_SET.get('train_corpus')}/fit.h5",
     output:
         examples="autointerp/{base_sae}-{component}_error/examples.h5",
-    wildcard_constraints:
-        base_sae=alternation([AI_BASE] if AI_BASE else []),
-        component=alternation(AI_COMPONENTS),
-    params:
-        counts=" ".join(
-            f"--{key.replace('_', '-')} {AI[key]}"
-            for key in ("n_latents", "ctx_len", "n_top", "n_per_decile", "n_random",
-                        "max_examples", "min_examples", "seed", "chunk_tokens")
-        ),
-        code=code_version("autointerp.examples", "error_saes"),
     log:
         "logs/latent_examples/{base_sae}-{component}_error.log",
     benchmark:
         "benchmarks/latent_examples/{base_sae}-{component}_error.tsv"
+    wildcard_constraints:
+        base_sae=alternation([AI_BASE] if AI_BASE else []),
+        component=alternation(AI_COMPONENTS),
     conda:
         "../../envs/saeflow.yaml"
     threads: 1
     resources:
         mem_mb=4000,
         runtime=60,
+    params:
+        counts=" ".join(
+            f"--{key.replace('_', '-')} {AI[key]}"
+            for key in (
+                "n_latents",
+                "ctx_len",
+                "n_top",
+                "n_per_decile",
+                "n_random",
+                "max_examples",
+                "min_examples",
+                "seed",
+                "chunk_tokens",
+            )
+        ),
+        code=code_version("autointerp.examples", "error_saes"),
     shell:
         "python -m saeflow.autointerp.examples --acts {input.acts} --tokens {input.tokens}"
         " --sae saes/{wildcards.base_sae}-{wildcards.component}_error"
@@ -135,8 +144,21 @@ rule score_latents:
     output:
         results="autointerp/{sae_id}/results.jsonl",
         summary="autointerp/{sae_id}/summary.json",
+    log:
+        "logs/score_latents/{sae_id}.log",
+    benchmark:
+        "benchmarks/score_latents/{sae_id}.tsv"
     wildcard_constraints:
         sae_id=alternation(AI_SAES),
+    # A local server uses the job's threads; llm_server=1 lets a profile or --resources run one
+    # server at a time (two 135M-parameter servers on 2 cores only slow each other down).
+    conda:
+        "../../envs/saeflow.yaml"
+    threads: AI["server"]["threads"] if AI["server"]["kind"] == "local" else 1
+    resources:
+        mem_mb=6000,
+        runtime=120,
+        llm_server=1 if AI["server"]["kind"] == "local" else 0,
     params:
         tokenizer=autointerp_tokenizer,
         server=server_args,
@@ -149,22 +171,13 @@ rule score_latents:
         max_failed=AI["score"]["max_failed_fraction"],
         seed=AI["seed"],
         code=code_version(
-            "autointerp.score", "autointerp.client", "autointerp.prompts", "autointerp.scoring",
-            "autointerp.server", "autointerp.judge",
+            "autointerp.score",
+            "autointerp.client",
+            "autointerp.prompts",
+            "autointerp.scoring",
+            "autointerp.server",
+            "autointerp.judge",
         ),
-    log:
-        "logs/score_latents/{sae_id}.log",
-    benchmark:
-        "benchmarks/score_latents/{sae_id}.tsv"
-    # A local server uses the job's threads; llm_server=1 lets a profile or --resources run one
-    # server at a time (two 135M-parameter servers on 2 cores only slow each other down).
-    conda:
-        "../../envs/saeflow.yaml"
-    threads: AI["server"]["threads"] if AI["server"]["kind"] == "local" else 1
-    resources:
-        mem_mb=6000,
-        runtime=120,
-        llm_server=1 if AI["server"]["kind"] == "local" else 0,
     shell:
         # the answer cache sits beside the outputs and is not one, so a failed job keeps it
         "python -m saeflow.autointerp.score --examples {input.examples}"
@@ -181,9 +194,6 @@ rule figure8_table:
         results=figure8_results,
     output:
         table="tables/figure8.csv",
-    params:
-        labels=AI_COMPONENTS,
-        code=code_version("figures.figure8", "autointerp.scoring"),
     log:
         "logs/figure8_table/figure8.log",
     conda:
@@ -192,6 +202,9 @@ rule figure8_table:
     resources:
         mem_mb=2000,
         runtime=10,
+    params:
+        labels=AI_COMPONENTS,
+        code=code_version("figures.figure8", "autointerp.scoring"),
     shell:
         "python -m saeflow.figures.figure8 table --results {input.results}"
         " --labels {params.labels} --out {output.table} > {log} 2>&1"
@@ -202,9 +215,6 @@ rule plot_figure8:
         table="tables/figure8.csv",
     output:
         pdf="plots/figure8.pdf",
-    params:
-        options=figure8_options,
-        code=code_version("figures.figure8", "figures.pdf"),
     log:
         "logs/plot_figure8/figure8.log",
     conda:
@@ -213,6 +223,9 @@ rule plot_figure8:
     resources:
         mem_mb=2000,
         runtime=10,
+    params:
+        options=figure8_options,
+        code=code_version("figures.figure8", "figures.pdf"),
     shell:
         "python -m saeflow.figures.figure8 plot --table {input.table} --out {output.pdf}"
         " {params.options} > {log} 2>&1"

@@ -14,21 +14,29 @@ def _autointerp_settings():
     if AI_BASE is None:
         return {}
     if AI_BASE not in SAES:
-        raise WorkflowError(f"autointerp.base_sae: '{AI_BASE}' is not an SAE of this config "
-                            f"(SAEs: {', '.join(sorted(SAES))})")
+        raise WorkflowError(
+            f"autointerp.base_sae: '{AI_BASE}' is not an SAE of this config "
+            f"(SAEs: {', '.join(sorted(SAES))})"
+        )
     base = SAES[AI_BASE]
     train = AI["train_corpus"] or base.get("corpus")
     if train is None:
-        raise WorkflowError(f"autointerp.train_corpus: base SAE '{AI_BASE}' is pretrained; "
-                            "name the corpus its error SAEs train on")
+        raise WorkflowError(
+            f"autointerp.train_corpus: base SAE '{AI_BASE}' is pretrained; "
+            "name the corpus its error SAEs train on"
+        )
     for key, corpus in [("train_corpus", train), ("corpus", AI["corpus"] or EVAL_CORPUS)]:
         if corpus not in config["corpora"]:
             raise WorkflowError(f"autointerp.{key}: '{corpus}' is not declared under 'corpora'")
     server = AI["server"]
     if server["kind"] == "remote" and not (server["base_url"] and server["model"]):
         raise WorkflowError("autointerp.server: kind 'remote' needs base_url and model")
-    return {"model": base["model"], "site": base["site"], "train_corpus": train,
-            "corpus": AI["corpus"] or EVAL_CORPUS}
+    return {
+        "model": base["model"],
+        "site": base["site"],
+        "train_corpus": train,
+        "corpus": AI["corpus"] or EVAL_CORPUS,
+    }
 
 
 AI_SET = _autointerp_settings()

@@ -8,10 +8,24 @@ rule cache_mlsae_activations:
         model=mlsae_model_files,
         tokens="data/tokens/{corpus}.h5",
     output:
-        expand("mlsae/acts/{model}/{{corpus}}/{site}.h5", model=MLSAE.get("model", "none"),
-               site=MLSAE_SITES),
+        expand(
+            "mlsae/acts/{model}/{{corpus}}/{site}.h5",
+            model=MLSAE.get("model", "none"),
+            site=MLSAE_SITES,
+        ),
+    log:
+        "logs/cache_mlsae_activations/{corpus}.log",
+    benchmark:
+        "benchmarks/cache_mlsae_activations/{corpus}.tsv"
     wildcard_constraints:
         corpus=alternation([MLSAE["corpus"], MLSAE["eval_corpus"]] if MLSAES else []),
+    conda:
+        "../../envs/saeflow.yaml"
+    threads: 2
+    resources:
+        mem_mb=mlsae_model_mem_mb,
+        runtime=120,
+        gpu=1,
     params:
         model=mlsae_model_path,
         sites=mlsae_cache_args,
@@ -21,17 +35,6 @@ rule cache_mlsae_activations:
         chunk=config["activations"]["chunk_tokens"],
         model_name=MLSAE.get("model"),
         code=code_version("activations"),
-    log:
-        "logs/cache_mlsae_activations/{corpus}.log",
-    benchmark:
-        "benchmarks/cache_mlsae_activations/{corpus}.tsv"
-    conda:
-        "../../envs/saeflow.yaml"
-    threads: 2
-    resources:
-        mem_mb=mlsae_model_mem_mb,
-        runtime=120,
-        gpu=1,
     shell:
         "python -m saeflow.activations cache --model {params.model} --tokens {input.tokens}"
         " {params.sites} --batch-size {params.batch_size} --dtype {params.dtype}"
@@ -47,18 +50,12 @@ rule train_mlsae:
         cfg="mlsae/saes/{mlsae_id}/cfg.json",
         weights="mlsae/saes/{mlsae_id}/sae_weights.safetensors",
         original="mlsae/saes/{mlsae_id}/original/model.safetensors",
-    wildcard_constraints:
-        mlsae_id=alternation(MLSAE_TRAINED),
-    params:
-        args=mlsae_train_args,
-        layers=mlsae_layer_args,
-        model=MLSAE.get("model"),
-        corpus=MLSAE.get("corpus"),
-        code=code_version("mlsae.train", "mlsae.trainer", "mlsae.math", "batches", "topk"),
     log:
         "logs/train_mlsae/{mlsae_id}.log",
     benchmark:
         "benchmarks/train_mlsae/{mlsae_id}.tsv"
+    wildcard_constraints:
+        mlsae_id=alternation(MLSAE_TRAINED),
     conda:
         "../../envs/saeflow.yaml"
     threads: 2
@@ -66,6 +63,12 @@ rule train_mlsae:
         mem_mb=8000,
         runtime=240,
         gpu=1,
+    params:
+        args=mlsae_train_args,
+        layers=mlsae_layer_args,
+        model=MLSAE.get("model"),
+        corpus=MLSAE.get("corpus"),
+        code=code_version("mlsae.train", "mlsae.trainer", "mlsae.math", "batches", "topk"),
     shell:
         "python -m saeflow.mlsae.train --acts {input.acts} --layers {params.layers}"
         " --out mlsae/saes/{wildcards.mlsae_id}"
@@ -79,18 +82,18 @@ rule import_mlsae:
         cfg="mlsae/saes/{mlsae_id}/cfg.json",
         weights="mlsae/saes/{mlsae_id}/sae_weights.safetensors",
         original="mlsae/saes/{mlsae_id}/original/model.safetensors",
-    wildcard_constraints:
-        mlsae_id=alternation(MLSAE_PRETRAINED),
-    params:
-        args=mlsae_import_args,
-        code=code_version("mlsae.pretrained", "mlsae.trainer"),
     log:
         "logs/import_mlsae/{mlsae_id}.log",
+    wildcard_constraints:
+        mlsae_id=alternation(MLSAE_PRETRAINED),
     conda:
         "../../envs/saeflow.yaml"
     resources:
         mem_mb=4000,
         runtime=60,
+    params:
+        args=mlsae_import_args,
+        code=code_version("mlsae.pretrained", "mlsae.trainer"),
     shell:
         "python -m saeflow.mlsae.pretrained {params.args} --out mlsae/saes/{wildcards.mlsae_id}"
         " > {log} 2>&1"
@@ -108,8 +111,19 @@ rule evaluate_mlsae:
         summary="mlsae/eval/{mlsae_id}/summary.json",
         dists="mlsae/eval/{mlsae_id}/dists.safetensors",
         variances="mlsae/eval/{mlsae_id}/variances.csv",
+    log:
+        "logs/evaluate_mlsae/{mlsae_id}.log",
+    benchmark:
+        "benchmarks/evaluate_mlsae/{mlsae_id}.tsv"
     wildcard_constraints:
         mlsae_id=alternation(sorted(MLSAES)),
+    conda:
+        "../../envs/saeflow.yaml"
+    threads: 2
+    resources:
+        mem_mb=mlsae_model_mem_mb,
+        runtime=60,
+        gpu=1,
     params:
         model=mlsae_model_path,
         layers=mlsae_layer_args,
@@ -118,17 +132,6 @@ rule evaluate_mlsae:
         chunk=MLSAE.get("chunk_tokens"),
         skip=config["activations"]["skip_positions"],
         code=code_version("mlsae.evaluate", "mlsae.math", "mlsae.trainer", "metrics"),
-    log:
-        "logs/evaluate_mlsae/{mlsae_id}.log",
-    benchmark:
-        "benchmarks/evaluate_mlsae/{mlsae_id}.tsv"
-    conda:
-        "../../envs/saeflow.yaml"
-    threads: 2
-    resources:
-        mem_mb=mlsae_model_mem_mb,
-        runtime=60,
-        gpu=1,
     shell:
         "python -m saeflow.mlsae.evaluate run --sae mlsae/saes/{wildcards.mlsae_id}"
         " --acts {input.acts} --layers {params.layers} --model {params.model}"
@@ -148,12 +151,12 @@ rule mlsae_tables:
         table="tables/mlsae_metrics.csv",
         layers="tables/mlsae_layers.csv",
         variances="tables/mlsae_variances.csv",
-    params:
-        code=code_version("mlsae.evaluate"),
     log:
         "logs/mlsae_tables/tables.log",
     conda:
         "../../envs/saeflow.yaml"
+    params:
+        code=code_version("mlsae.evaluate"),
     shell:
         "python -m saeflow.mlsae.evaluate table --summaries {input.summaries}"
         " --layer-csvs {input.layers} --variances {input.variances} --out {output.table}"
@@ -166,14 +169,14 @@ rule plot_mlsae_dists:
     output:
         csv="plots/mlsae/dists_heatmap_{mlsae_id}.csv",
         pdf="plots/mlsae/dists_heatmap_{mlsae_id}.pdf",
-    wildcard_constraints:
-        mlsae_id=alternation(sorted(MLSAES)),
-    params:
-        code=code_version("figures.mlsae", "figures.pdf", "mlsae.math"),
     log:
         "logs/plot_mlsae_dists/{mlsae_id}.log",
+    wildcard_constraints:
+        mlsae_id=alternation(sorted(MLSAES)),
     conda:
         "../../envs/saeflow.yaml"
+    params:
+        code=code_version("figures.mlsae", "figures.pdf", "mlsae.math"),
     shell:
         "python -m saeflow.figures.mlsae dists --dists {input.dists}"
         " --sae-id {wildcards.mlsae_id} --csv {output.csv} --pdf {output.pdf} > {log} 2>&1"
@@ -185,12 +188,12 @@ rule plot_mlsae_fvu:
     output:
         csv="plots/mlsae/fvu_layers.csv",
         pdf="plots/mlsae/fvu_layers.pdf",
-    params:
-        code=code_version("figures.mlsae", "figures.pdf"),
     log:
         "logs/plot_mlsae_fvu/fvu.log",
     conda:
         "../../envs/saeflow.yaml"
+    params:
+        code=code_version("figures.mlsae", "figures.pdf"),
     shell:
         "python -m saeflow.figures.mlsae fvu --layers {input.layers} --csv {output.csv}"
         " --pdf {output.pdf} > {log} 2>&1"

@@ -6,15 +6,15 @@
 rule probing_dataset_table:
     output:
         table="tables/probing_datasets.csv",
+    log:
+        "logs/probing_dataset_table/table.log",
+    conda:
+        "../../envs/saeflow.yaml"
     params:
         names=" ".join(f"--dataset {d}" for d in probing_datasets()),
         custom=probing_custom_args(),
         max_rows=PROBING.get("max_rows") or 10**9,
         code=code_version("probing.datasets"),
-    log:
-        "logs/probing_dataset_table/table.log",
-    conda:
-        "../../envs/saeflow.yaml"
     shell:
         "python -m saeflow.probing.datasets table {params.names} {params.custom}"
         " --max-rows {params.max_rows} --out {output.table} > {log} 2>&1"
@@ -25,8 +25,19 @@ rule probing_acts:
         model=model_input,
     output:
         [f"probing/acts/{{model}}/{d}.h5" for d in probing_datasets()],
+    log:
+        "logs/probing_acts/{model}.log",
+    benchmark:
+        "benchmarks/probing_acts/{model}.tsv"
     wildcard_constraints:
         model=alternation([PROBING_MODEL] if PROBING_MODEL else []),
+    conda:
+        "../../envs/saeflow.yaml"
+    threads: 2
+    resources:
+        mem_mb=model_mem_mb,
+        runtime=240,
+        gpu=1,
     params:
         model=model_path_param,
         pairs=probing_acts_args,
@@ -37,17 +48,6 @@ rule probing_acts:
         batch_tokens=PROBING.get("batch_tokens", 4096),
         dtype=model_dtype,
         code=code_version("probing.acts", "probing.datasets"),
-    log:
-        "logs/probing_acts/{model}.log",
-    benchmark:
-        "benchmarks/probing_acts/{model}.tsv"
-    conda:
-        "../../envs/saeflow.yaml"
-    threads: 2
-    resources:
-        mem_mb=model_mem_mb,
-        runtime=240,
-        gpu=1,
     shell:
         "python -m saeflow.probing.acts --model {params.model} --model-name {wildcards.model}"
         " {params.sites} {params.pairs} {params.custom} --max-rows {params.max_rows}"
@@ -62,10 +62,6 @@ rule probing_sae_acts:
         acts=probing_all_acts,
     output:
         [f"probing/sae_acts/{{sae_id}}/{d}.h5" for d in probing_datasets()],
-    params:
-        pairs=probing_sae_acts_args,
-        site=sae_site,
-        code=code_version("probing.sae_acts"),
     log:
         "logs/probing_sae_acts/{sae_id}.log",
     benchmark:
@@ -76,6 +72,10 @@ rule probing_sae_acts:
     resources:
         mem_mb=4000,
         runtime=60,
+    params:
+        pairs=probing_sae_acts_args,
+        site=sae_site,
+        code=code_version("probing.sae_acts"),
     shell:
         "python -m saeflow.probing.sae_acts --sae saes/{wildcards.sae_id} --sae-id {wildcards.sae_id}"
         " --site {params.site} {params.pairs} --threads {threads} > {log} 2>&1"
@@ -86,13 +86,6 @@ rule probing_baseline:
         acts=probing_all_acts,
     output:
         table="probing/baselines/{site}/{regime}.csv",
-    params:
-        acts_args=probing_acts_list,
-        layer=probing_site_layer,
-        values=probing_values,
-        backend=PROBING.get("backend", "torch"),
-        seed=PROBING.get("seed", 42),
-        code=code_version("probing.run", "probing.probe", "probing.engine", "probing.regimes"),
     log:
         "logs/probing_baseline/{site}/{regime}.log",
     benchmark:
@@ -103,6 +96,13 @@ rule probing_baseline:
     resources:
         mem_mb=4000,
         runtime=120,
+    params:
+        acts_args=probing_acts_list,
+        layer=probing_site_layer,
+        values=probing_values,
+        backend=PROBING.get("backend", "torch"),
+        seed=PROBING.get("seed", 42),
+        code=code_version("probing.run", "probing.probe", "probing.engine", "probing.regimes"),
     shell:
         "python -m saeflow.probing.run baseline {params.acts_args} --site {wildcards.site}"
         " --layer {params.layer} --regime {wildcards.regime} --values {params.values}"
@@ -115,16 +115,6 @@ rule probing_sae_probes:
         acts=probing_all_sae_acts,
     output:
         table="probing/sae_probes/{sae_id}/{regime}.csv",
-    params:
-        acts_args=probing_sae_acts_list,
-        layer=probing_sae_layer,
-        values=probing_values,
-        ks=probing_ks,
-        ranking=PROBING.get("ranking", "normalized_mean_diff"),
-        binarize="--binarize" if PROBING.get("binarize") else "",
-        backend=PROBING.get("backend", "torch"),
-        seed=PROBING.get("seed", 42),
-        code=code_version("probing.run", "probing.probe", "probing.engine", "probing.regimes"),
     log:
         "logs/probing_sae_probes/{sae_id}/{regime}.log",
     benchmark:
@@ -135,6 +125,16 @@ rule probing_sae_probes:
     resources:
         mem_mb=4000,
         runtime=120,
+    params:
+        acts_args=probing_sae_acts_list,
+        layer=probing_sae_layer,
+        values=probing_values,
+        ks=probing_ks,
+        ranking=PROBING.get("ranking", "normalized_mean_diff"),
+        binarize="--binarize" if PROBING.get("binarize") else "",
+        backend=PROBING.get("backend", "torch"),
+        seed=PROBING.get("seed", 42),
+        code=code_version("probing.run", "probing.probe", "probing.engine", "probing.regimes"),
     shell:
         "python -m saeflow.probing.run sae {params.acts_args} --sae-id {wildcards.sae_id}"
         " --layer {params.layer} --regime {wildcards.regime} --values {params.values}"
@@ -152,13 +152,13 @@ rule probing_figure:
         sae="tables/probing/{regime}/all_metrics.csv",
         table="plots/probing/{regime}.csv",
         pdf="plots/probing/{regime}.pdf",
-    params:
-        args=probing_figure_args,
-        code=code_version("probing.figures"),
     log:
         "logs/probing_figure/{regime}.log",
     conda:
         "../../envs/saeflow.yaml"
+    params:
+        args=probing_figure_args,
+        code=code_version("probing.figures"),
     shell:
         "python -m saeflow.probing.figures --regime {wildcards.regime} {params.args}"
         " --out-baselines {output.baselines} --out-sae {output.sae} --table {output.table}"

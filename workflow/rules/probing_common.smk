@@ -26,11 +26,15 @@ def probing_site_args():
 
 def probing_sites():
     """Sites cached: the baselines' and those the probed SAEs read."""
-    return sorted(set(PROBING.get("sites", [])) | {SAES[i]["site"] for i in PROBING.get("saes", [])})
+    return sorted(
+        set(PROBING.get("sites", [])) | {SAES[i]["site"] for i in PROBING.get("saes", [])}
+    )
 
 
 def probing_custom_args():
-    return " ".join(f"--custom {n}={os.path.join(REPO, p)}" for n, p in PROBING.get("custom", {}).items())
+    return " ".join(
+        f"--custom {n}={os.path.join(REPO, p)}" for n, p in PROBING.get("custom", {}).items()
+    )
 
 
 def probing_acts_args(wildcards, output):
@@ -87,7 +91,9 @@ def probing_sae_acts_list(wildcards, input):
 
 
 def probing_figure_args(wildcards, input):
-    return " ".join([f"--baseline {b}" for b in input.baselines] + [f"--sae {s}" for s in input.saes])
+    return " ".join(
+        [f"--baseline {b}" for b in input.baselines] + [f"--sae {s}" for s in input.saes]
+    )
 
 
 def probing_targets():

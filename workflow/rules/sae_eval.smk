@@ -11,15 +11,6 @@ rule evaluate_sae:
     output:
         info="sae_eval/{sae_id}/{corpus}.h5",
         metrics="sae_eval/{sae_id}/{corpus}.metrics.json",
-    params:
-        model=sae_model_path,
-        site=sae_site,
-        downstream_seqs=config["evaluation"]["downstream_seqs"],
-        batch_size=config["evaluation"]["batch_size"],
-        chunk=config["evaluation"]["chunk_tokens"],
-        csr_max_l0=csr_max_l0_flag,
-        skip=config["activations"]["skip_positions"],
-        code=code_version("sae_eval", "metrics", "saes"),
     log:
         "logs/evaluate_sae/{sae_id}/{corpus}.log",
     benchmark:
@@ -31,6 +22,15 @@ rule evaluate_sae:
         mem_mb=sae_model_mem_mb,
         runtime=60,
         gpu=1,
+    params:
+        model=sae_model_path,
+        site=sae_site,
+        downstream_seqs=config["evaluation"]["downstream_seqs"],
+        batch_size=config["evaluation"]["batch_size"],
+        chunk=config["evaluation"]["chunk_tokens"],
+        csr_max_l0=csr_max_l0_flag,
+        skip=config["activations"]["skip_positions"],
+        code=code_version("sae_eval", "metrics", "saes"),
     shell:
         "python -m saeflow.sae_eval evaluate --sae saes/{wildcards.sae_id} --acts {input.acts}"
         " --model {params.model} --tokens {input.tokens} --site {params.site}"
@@ -46,12 +46,12 @@ rule summarize_saes:
         error_saes=error_sae_cfgs,
     output:
         table="tables/sae_metrics.csv",
-    params:
-        code=code_version("sae_eval"),
     log:
         "logs/summarize_saes/summary.log",
     conda:
         "../../envs/saeflow.yaml"
+    params:
+        code=code_version("sae_eval"),
     shell:
         "python -m saeflow.sae_eval summarize --metrics {input.metrics}"
         " --error-saes {input.error_saes} --out {output.table} > {log} 2>&1"

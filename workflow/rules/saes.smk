@@ -8,17 +8,12 @@ rule train_sae:
     output:
         cfg="saes/{sae_id}/cfg.json",
         weights="saes/{sae_id}/sae_weights.safetensors",
-    wildcard_constraints:
-        sae_id=alternation(TRAINED),
-    params:
-        args=train_args,
-        site=sae_site,
-        model=sae_model,
-        code=code_version("train", "topk", "sae_lens_train", "batches"),
     log:
         "logs/train_sae/{sae_id}.log",
     benchmark:
         "benchmarks/train_sae/{sae_id}.tsv"
+    wildcard_constraints:
+        sae_id=alternation(TRAINED),
     conda:
         "../../envs/saeflow.yaml"
     threads: 2
@@ -26,6 +21,11 @@ rule train_sae:
         mem_mb=8000,
         runtime=240,
         gpu=1,
+    params:
+        args=train_args,
+        site=sae_site,
+        model=sae_model,
+        code=code_version("train", "topk", "sae_lens_train", "batches"),
     shell:
         "python -m saeflow.train --acts {input.acts} --out saes/{wildcards.sae_id}"
         " --checkpoint-dir checkpoints/{wildcards.sae_id} {params.args}"
@@ -38,17 +38,17 @@ rule import_sae:
     output:
         cfg="saes/{sae_id}/cfg.json",
         weights="saes/{sae_id}/sae_weights.safetensors",
-    wildcard_constraints:
-        sae_id=alternation(PRETRAINED),
-    params:
-        args=import_args,
-        code=code_version("saes"),
     log:
         "logs/import_sae/{sae_id}.log",
+    wildcard_constraints:
+        sae_id=alternation(PRETRAINED),
     conda:
         "../../envs/saeflow.yaml"
     resources:
         mem_mb=8000,
         runtime=60,
+    params:
+        args=import_args,
+        code=code_version("saes"),
     shell:
         "python -m saeflow.saes import --out saes/{wildcards.sae_id} {params.args} > {log} 2>&1"
