@@ -5,6 +5,7 @@ and SLURM tests, so CI builds the test config from scratch once.
 """
 
 import json
+import zipfile
 from pathlib import Path
 
 import pandas as pd
@@ -105,3 +106,23 @@ def test_dark_matter_tables_and_plots(results):
         assert len(pd.read_csv(results / f"tables/figure{n}.csv")) == len(grid)
     for n in (1, 2, 3, 4):
         assert (results / f"plots/figure{n}.pdf").read_bytes().startswith(b"%PDF")
+
+
+def test_the_report_gathers_every_figure_with_its_caption(results, snakemake, tmp_path):
+    """`snakemake --report` finds each plot and dashboard through its rule's report() flag."""
+    report = tmp_path / "report.zip"
+    run = snakemake(results, "--report", str(report))
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    figures = sorted(
+        p.relative_to(results).as_posix()
+        for p in [*results.glob("plots/**/*.pdf"), *results.glob("plots/dashboards/*/index.html")]
+    )
+    assert "plots/figure8.pdf" in figures and "plots/toy_recovery.pdf" in figures
+    with zipfile.ZipFile(report) as archive:
+        names = archive.namelist()
+        html = "".join(
+            archive.read(n).decode("utf-8", "replace") for n in names if n.endswith(".html")
+        )
+    missing = [f for f in figures if not any(n.endswith(f) for n in names)]
+    assert missing == [], f"not in the report: {missing}"
+    assert "Decomposing the Dark Matter" in html and "balanced accuracy" in html

@@ -214,7 +214,12 @@ rule plot_figure8:
     input:
         table="tables/figure8.csv",
     output:
-        pdf="plots/figure8.pdf",
+        pdf=report(
+            "plots/figure8.pdf",
+            caption="../report/figure8.rst",
+            category="Dark Matter",
+            labels={"figure": "8"},
+        ),
     log:
         "logs/plot_figure8/figure8.log",
     conda:

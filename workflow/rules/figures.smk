@@ -7,7 +7,12 @@ rule plot_dark_matter:
     input:
         table="tables/figure{figure}.csv",
     output:
-        pdf="plots/figure{figure}.pdf",
+        pdf=report(
+            "plots/figure{figure}.pdf",
+            caption="../report/dark_matter_figure.rst",
+            category="Dark Matter",
+            labels={"figure": "{figure}"},
+        ),
     log:
         "logs/plot_dark_matter/figure{figure}.log",
     wildcard_constraints:
@@ -37,7 +42,12 @@ rule plot_error_effects:
     input:
         table="tables/figure{figure}.csv",
     output:
-        pdf="plots/figure{figure}.pdf",
+        pdf=report(
+            "plots/figure{figure}.pdf",
+            caption="../report/dark_matter_figure.rst",
+            category="Dark Matter",
+            labels={"figure": "{figure}"},
+        ),
     log:
         "logs/plot_error_effects/figure{figure}.log",
     wildcard_constraints:

@@ -168,7 +168,12 @@ rule plot_mlsae_dists:
         dists="mlsae/eval/{mlsae_id}/dists.safetensors",
     output:
         csv="plots/mlsae/dists_heatmap_{mlsae_id}.csv",
-        pdf="plots/mlsae/dists_heatmap_{mlsae_id}.pdf",
+        pdf=report(
+            "plots/mlsae/dists_heatmap_{mlsae_id}.pdf",
+            caption="../report/mlsae_dists.rst",
+            category="Multi-layer SAEs",
+            labels={"figure": "layer distributions", "sae": "{mlsae_id}"},
+        ),
     log:
         "logs/plot_mlsae_dists/{mlsae_id}.log",
     wildcard_constraints:
@@ -187,7 +192,12 @@ rule plot_mlsae_fvu:
         layers="tables/mlsae_layers.csv",
     output:
         csv="plots/mlsae/fvu_layers.csv",
-        pdf="plots/mlsae/fvu_layers.pdf",
+        pdf=report(
+            "plots/mlsae/fvu_layers.pdf",
+            caption="../report/mlsae_fvu.rst",
+            category="Multi-layer SAEs",
+            labels={"figure": "FVU and ΔCE per layer", "sae": "all"},
+        ),
     log:
         "logs/plot_mlsae_fvu/fvu.log",
     conda:

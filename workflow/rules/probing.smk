@@ -151,7 +151,12 @@ rule probing_figure:
         baselines="tables/probing/{regime}/baseline_results.csv",
         sae="tables/probing/{regime}/all_metrics.csv",
         table="plots/probing/{regime}.csv",
-        pdf="plots/probing/{regime}.pdf",
+        pdf=report(
+            "plots/probing/{regime}.pdf",
+            caption="../report/probing_regime.rst",
+            category="Sparse probing",
+            labels={"regime": "{regime}"},
+        ),
     log:
         "logs/probing_figure/{regime}.log",
     conda:

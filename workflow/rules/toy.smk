@@ -83,7 +83,12 @@ rule plot_toy_recovery:
     input:
         table="tables/toy_recovery.csv",
     output:
-        pdf="plots/toy_recovery.pdf",
+        pdf=report(
+            "plots/toy_recovery.pdf",
+            caption="../report/toy_recovery.rst",
+            category="Training techniques",
+            labels={"figure": "toy recovery"},
+        ),
     log:
         "logs/plot_toy_recovery/toy_recovery.log",
     conda:
