@@ -15,6 +15,7 @@ from saeflow.mlsae.math import (
     layer_dists,
     layer_fvu,
     loss_and_grads,
+    max_cosine,
     mmcs,
     standardise,
     summarise_dists,
@@ -154,6 +155,14 @@ def test_mmcs_against_float64_reference(chunk: int) -> None:
     assert value == pytest.approx(float(cos.max(dim=1).values.mean()), abs=1e-6)
     torch.testing.assert_close(per_row.double(), cos.max(dim=1).values, atol=1e-6, rtol=0)
     assert mmcs(a, a, chunk)[0] == pytest.approx(1.0, abs=1e-6)
+    # without the diagonal: the float64 max over the other rows, and the row attaining it
+    self_cos = (a64 @ a64.T) / a64.norm(dim=1, keepdim=True) / a64.norm(dim=1)
+    self_cos.fill_diagonal_(-2.0)
+    best = max_cosine(a, a, chunk, exclude_self=True)
+    torch.testing.assert_close(best.values.double(), self_cos.max(dim=1).values, atol=1e-6,
+                               rtol=0)
+    assert torch.equal(best.indices, self_cos.argmax(dim=1))
+    assert torch.equal(max_cosine(a, b, chunk).indices, cos.argmax(dim=1))
 
 
 def test_adjacent_cosine_against_loops() -> None:

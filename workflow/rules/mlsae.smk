@@ -1,6 +1,7 @@
 # Multi-layer SAEs (saeflow.mlsae): every layer's residual stream of the MLSAE corpora cached by
 # saeflow.activations (under mlsae/acts/, so the spine's caches keep their sites), one training
-# and one evaluation job per MLSAE of the expansion factor x k sweep, and the tables.
+# and one evaluation job per MLSAE of the expansion factor x k sweep, and the tables. Single-layer
+# baselines (mlsae.baseline_layers) are trained by the same rule on one layer's cache.
 
 
 rule cache_mlsae_activations:
@@ -55,7 +56,7 @@ rule train_mlsae:
     benchmark:
         "benchmarks/train_mlsae/{mlsae_id}.tsv"
     wildcard_constraints:
-        mlsae_id=alternation(MLSAE_TRAINED),
+        mlsae_id=alternation(MLSAE_TRAINED + MLSAE_BASELINE_IDS),
     conda:
         "../../envs/saeflow.yaml"
     threads: 2
@@ -142,6 +143,65 @@ rule evaluate_mlsae:
         " --variances {output.variances} --threads {threads} --device auto > {log} 2>&1"
 
 
+rule evaluate_mlsae_baseline:
+    input:
+        cfg="mlsae/saes/{mlsae_id}/cfg.json",
+        weights="mlsae/saes/{mlsae_id}/sae_weights.safetensors",
+        acts=mlsae_eval_acts,
+        tokens=f"data/tokens/{MLSAE.get('eval_corpus')}.h5",
+        model=mlsae_model_files,
+    output:
+        layers="mlsae/eval/{mlsae_id}/layers.csv",
+        summary="mlsae/eval/{mlsae_id}/summary.json",
+    log:
+        "logs/evaluate_mlsae_baseline/{mlsae_id}.log",
+    benchmark:
+        "benchmarks/evaluate_mlsae_baseline/{mlsae_id}.tsv"
+    wildcard_constraints:
+        mlsae_id=alternation(MLSAE_BASELINE_IDS),
+    conda:
+        "../../envs/saeflow.yaml"
+    threads: 2
+    resources:
+        mem_mb=mlsae_model_mem_mb,
+        runtime=60,
+        gpu=1,
+    params:
+        model=mlsae_model_path,
+        layers=mlsae_layer_args,
+        downstream_seqs=MLSAE.get("downstream_seqs"),
+        batch_size=MLSAE.get("batch_size_eval"),
+        chunk=MLSAE.get("chunk_tokens"),
+        skip=config["activations"]["skip_positions"],
+        code=code_version("mlsae.evaluate", "mlsae.math", "mlsae.trainer", "metrics"),
+    shell:
+        "python -m saeflow.mlsae.evaluate run --sae mlsae/saes/{wildcards.mlsae_id}"
+        " --acts {input.acts} --layers {params.layers} --model {params.model}"
+        " --tokens {input.tokens} --sae-id {wildcards.mlsae_id}"
+        " --downstream-seqs {params.downstream_seqs} --batch-size {params.batch_size}"
+        " --skip-positions {params.skip} --chunk-tokens {params.chunk}"
+        " --layer-csv {output.layers} --summary {output.summary}"
+        " --threads {threads} --device auto > {log} 2>&1"
+
+
+rule mlsae_vs_single_layer:
+    input:
+        mlsaes=mlsae_compared_files("layers.csv"),
+        baselines=mlsae_baseline_files("layers.csv"),
+    output:
+        table="tables/mlsae_vs_single_layer.csv",
+    log:
+        "logs/mlsae_vs_single_layer/table.log",
+    conda:
+        "../../envs/saeflow.yaml"
+    params:
+        pairs=mlsae_baseline_pairs,
+        code=code_version("mlsae.baselines"),
+    shell:
+        "python -m saeflow.mlsae.baselines --mlsae-layers {input.mlsaes}"
+        " --baseline-layers {input.baselines} {params.pairs} --out {output.table} > {log} 2>&1"
+
+
 rule mlsae_tables:
     input:
         summaries=mlsae_eval_files("summary.json"),
@@ -197,3 +257,41 @@ rule plot_mlsae_fvu:
     shell:
         "python -m saeflow.figures.mlsae fvu --layers {input.layers} --csv {output.csv}"
         " --pdf {output.pdf} > {log} 2>&1"
+
+
+rule mlsae_similarities:
+    input:
+        cfgs=mlsae_sae_files("cfg.json"),
+        weights=mlsae_sae_files("sae_weights.safetensors"),
+        acts=expand(
+            "mlsae/acts/{model}/{corpus}/{site}.h5",
+            model=MLSAE.get("model", "none"),
+            corpus=MLSAE.get("eval_corpus", "none"),
+            site=MLSAE_SITES,
+        ),
+        model=mlsae_model_files,
+    output:
+        mmcs="tables/mlsae_mmcs.csv",
+        resid="tables/mlsae_resid_cos_sim.csv",
+        embed="tables/mlsae_embed_cos_sim.csv",
+        embed_latents="mlsae/analysis/embed_cos_sim_latents.csv",
+    log:
+        "logs/mlsae_similarities/similarities.log",
+    benchmark:
+        "benchmarks/mlsae_similarities/similarities.tsv"
+    conda:
+        "../../envs/saeflow.yaml"
+    threads: 2
+    resources:
+        mem_mb=mlsae_model_mem_mb,
+        runtime=60,
+    params:
+        saes=mlsae_similarity_args,
+        layers=" ".join(str(layer) for layer in MLSAE_LAYERS),
+        model=mlsae_model_path,
+        code=code_version("mlsae.similarity", "mlsae.math"),
+    shell:
+        "python -m saeflow.mlsae.similarity --saes {params.saes} --acts {input.acts}"
+        " --layers {params.layers} --model {params.model} --mmcs {output.mmcs}"
+        " --resid {output.resid} --embed {output.embed}"
+        " --embed-latents {output.embed_latents} --threads {threads} > {log} 2>&1"

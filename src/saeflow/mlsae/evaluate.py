@@ -11,6 +11,8 @@ KL(clean || spliced) per token (the original computed KL(spliced || clean)). The
 means over layers under ``sae_id``, the key of ``tables/sae_metrics.csv``. The dists file holds
 ``counts`` and ``totals`` [n_layers, n_latents] in the original's ``-dists.safetensors`` form;
 ``variances.csv`` the original's ``analysis/variances.py`` terms averaged over chunks of tokens.
+Without ``--dists``/``--variances`` (a single-layer baseline) only the per-layer table and the
+summary are written.
 """
 
 from __future__ import annotations
@@ -34,8 +36,13 @@ from saeflow.mlsae.trainer import LoadedMLSAE, load_mlsae
 from saeflow.models import load_model, resolve_site
 
 
-def reconstruction_pass(sae: LoadedMLSAE, paths: list[str], chunk: int) -> dict:
-    """Stream every layer's evaluation activations through the MLSAE, ``chunk`` tokens at a time."""
+def reconstruction_pass(sae: LoadedMLSAE, paths: list[str], chunk: int,
+                        dists: bool = True) -> dict:
+    """Stream every layer's evaluation activations through the MLSAE, ``chunk`` tokens at a time.
+
+    ``dists``: also accumulate the layer distributions and the variance terms (they need two
+    layers or more; a single-layer baseline skips them).
+    """
     n_layers, m = len(paths), sae.params.W_dec.shape[0]
     stats = [ReconstructionStats(sae.params.W_dec.shape[1]) for _ in paths]
     l1 = np.zeros(n_layers)
@@ -57,7 +64,8 @@ def reconstruction_pass(sae: LoadedMLSAE, paths: list[str], chunk: int) -> dict:
             c, t = layer_dists(codes, n_layers, m)
             counts += c
             totals += t
-            terms.append(variance_terms(dense_codes(codes, m)))
+            if dists:
+                terms.append(variance_terms(dense_codes(codes, m)))
     rows = [{**s.result(), "l1": l1[i] / n, "dead_fraction": float((counts[i] == 0).double()
                                                                    .mean())}
             for i, s in enumerate(stats)]
@@ -65,15 +73,15 @@ def reconstruction_pass(sae: LoadedMLSAE, paths: list[str], chunk: int) -> dict:
             "dead_all_layers": float((counts.sum(0) == 0).double().mean())}
 
 
-def spliced_loss(sae: LoadedMLSAE, model, layer: int, tokens: np.ndarray, skip: int,
-                 batch_size: int) -> dict[str, float]:
-    """Clean and spliced CE and KL(clean || spliced) with the MLSAE's reconstruction at ``layer``.
+def spliced_losses(sae: LoadedMLSAE, model, layers: list[int], tokens: np.ndarray, skip: int,
+                   batch_size: int) -> list[dict[str, float]]:
+    """Clean and spliced CE and KL(clean || spliced) with the MLSAE's reconstruction at each of
+    ``layers`` (one dict per layer, in order); the clean pass runs once per batch.
 
     The splice is a forward hook on the layer's module (the one :func:`resolve_site` names for
     ``blocks.{layer}.hook_resid_post``) rather than an nnsight trace: one trace per layer and
     batch cost ~50x a plain forward here, and the MLSAE splices at every layer.
     """
-    module = resolve_site(model, f"blocks.{layer}.hook_resid_post")[0]
     params = type(sae.params)(*(p.to(model.device) for p in sae.params))
 
     def hook(_module, _inputs, output):
@@ -82,24 +90,31 @@ def spliced_loss(sae: LoadedMLSAE, model, layer: int, tokens: np.ndarray, skip: 
         hidden[:, skip:] = reconstruct(params, hidden[:, skip:], sae.k)[0].to(hidden.dtype)
         return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
-    sums, n = {"ce_clean": 0.0, "ce_spliced": 0.0, "kl": 0.0}, 0
+    modules = [resolve_site(model, f"blocks.{layer}.hook_resid_post")[0] for layer in layers]
+    sums = [{"ce_clean": 0.0, "ce_spliced": 0.0, "kl": 0.0} for _ in layers]
+    n = 0
     with torch.inference_mode():
         for start in range(0, len(tokens), batch_size):
             ids = torch.from_numpy(tokens[start : start + batch_size].astype(np.int64))
             ids = ids.to(model.device)
             clean = model(ids).logits
-            handle = module.register_forward_hook(hook)
-            try:
-                patched = model(ids).logits
-            finally:
-                handle.remove()
-            sums["ce_clean"] += float(next_token_ce(clean, ids)[:, skip:].sum())
-            sums["ce_spliced"] += float(next_token_ce(patched, ids)[:, skip:].sum())
-            sums["kl"] += float(kl_per_token(clean, patched)[:, skip:-1].sum())
+            ce_clean = float(next_token_ce(clean, ids)[:, skip:].sum())
+            for module, out in zip(modules, sums):
+                handle = module.register_forward_hook(hook)
+                try:
+                    patched = model(ids).logits
+                finally:
+                    handle.remove()
+                out["ce_clean"] += ce_clean
+                out["ce_spliced"] += float(next_token_ce(patched, ids)[:, skip:].sum())
+                out["kl"] += float(kl_per_token(clean, patched)[:, skip:-1].sum())
             n += ids.shape[0] * (ids.shape[1] - 1 - skip)
-    out = {key: value / n for key, value in sums.items()}
-    out["delta_ce"] = out["ce_spliced"] - out["ce_clean"]
-    return out
+    results = []
+    for out in sums:
+        mean = {key: value / n for key, value in out.items()}
+        mean["delta_ce"] = mean["ce_spliced"] - mean["ce_clean"]
+        results.append(mean)
+    return results
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -117,8 +132,11 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--batch-size", type=int, default=4, help="sequences per forward")
     r.add_argument("--skip-positions", type=int, default=1, help="leading positions not spliced")
     r.add_argument("--chunk-tokens", type=int, default=256, help="tokens per chunk")
-    for name in ("layer-csv", "summary", "dists", "variances"):
+    for name in ("layer-csv", "summary"):
         r.add_argument(f"--{name}", required=True, help=f"output: {name}")
+    for name in ("dists", "variances"):
+        r.add_argument(f"--{name}", default=None,
+                       help=f"output: {name} (two layers or more; omitted for a baseline)")
     r.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     r.add_argument("--device", default="cpu", help=DEVICE_HELP)
     t = sub.add_parser("table", help="one row per MLSAE from the summaries")
@@ -137,7 +155,12 @@ def run(args: argparse.Namespace) -> None:
     sae = load_mlsae(args.sae)
     if sae.layers != args.layers:
         raise SystemExit(f"{args.sae}: trained on layers {sae.layers}, asked for {args.layers}")
-    result = reconstruction_pass(sae, args.acts, args.chunk_tokens)
+    if (args.dists is None) != (args.variances is None):
+        raise SystemExit("give both --dists and --variances, or neither")
+    with_dists = args.dists is not None
+    if with_dists and len(args.layers) < 2:
+        raise SystemExit(f"--dists/--variances need two layers or more, got {args.layers}")
+    result = reconstruction_pass(sae, args.acts, args.chunk_tokens, dists=with_dists)
     rows = [{"sae_id": args.sae_id, "layer": layer, **row}
             for layer, row in zip(args.layers, result["rows"])]
     if args.downstream_seqs > 0:
@@ -145,9 +168,10 @@ def run(args: argparse.Namespace) -> None:
         model, _ = load_model(args.model, device=device)
         with h5io.open_checked(args.tokens, datasets={"tokens": (None, None)}) as f:
             tokens = np.asarray(f["tokens"][: args.downstream_seqs])  # type: ignore[index]
-        for row in tqdm(rows, desc="spliced CE per layer"):
-            row.update(spliced_loss(sae, model, row["layer"], tokens, args.skip_positions,
-                                    args.batch_size))
+        losses = spliced_losses(sae, model, args.layers, tokens, args.skip_positions,
+                                args.batch_size)
+        for row, loss in zip(rows, losses):
+            row.update(loss)
     _write_outputs(args, rows, result, sae)
 
 
@@ -164,6 +188,8 @@ def _write_outputs(args: argparse.Namespace, rows: list[dict], result: dict,
                "max_layer_fvu": float(table["fvu"].max()),
                "dead_all_layers": result["dead_all_layers"]}
     h5io.write_json(args.summary, summary)
+    if args.dists is None:
+        return
     with h5io.atomic_path(args.dists) as tmp:
         save_file({"counts": result["counts"].float(), "totals": result["totals"].float()},
                   str(tmp))
