@@ -207,28 +207,40 @@ rule mlsae_tables:
         summaries=mlsae_eval_files("summary.json"),
         layers=mlsae_eval_files("layers.csv"),
         variances=mlsae_eval_files("variances.csv"),
+        dists=mlsae_eval_files("dists.safetensors"),
     output:
         table="tables/mlsae_metrics.csv",
         layers="tables/mlsae_layers.csv",
         variances="tables/mlsae_variances.csv",
+        sweep="tables/mlsae_sweep.csv",
+        layer_std="tables/mlsae_layer_std.csv",
     log:
         "logs/mlsae_tables/tables.log",
     conda:
         "../../envs/saeflow.yaml"
     params:
-        code=code_version("mlsae.evaluate"),
+        ids=" ".join(sorted(MLSAES)),
+        code=code_version("mlsae.evaluate", "mlsae.math"),
     shell:
         "python -m saeflow.mlsae.evaluate table --summaries {input.summaries}"
         " --layer-csvs {input.layers} --variances {input.variances} --out {output.table}"
-        " --out-layers {output.layers} --out-variances {output.variances} > {log} 2>&1"
+        " --out-layers {output.layers} --out-variances {output.variances}"
+        " --dists {input.dists} --sae-ids {params.ids} --out-sweep {output.sweep}"
+        " --out-layer-std {output.layer_std} > {log} 2>&1"
 
 
 rule plot_mlsae_dists:
     input:
         dists="mlsae/eval/{mlsae_id}/dists.safetensors",
+        cfg="mlsae/saes/{mlsae_id}/cfg.json",
+        weights="mlsae/saes/{mlsae_id}/sae_weights.safetensors",
     output:
         csv="plots/mlsae/dists_heatmap_{mlsae_id}.csv",
         pdf="plots/mlsae/dists_heatmap_{mlsae_id}.pdf",
+        hist_csv="plots/mlsae/dists_histogram_{mlsae_id}.csv",
+        hist_pdf="plots/mlsae/dists_histogram_{mlsae_id}.pdf",
+        cos_csv="plots/mlsae/dists_cos_sim_heatmap_{mlsae_id}.csv",
+        cos_pdf="plots/mlsae/dists_cos_sim_heatmap_{mlsae_id}.pdf",
     log:
         "logs/plot_mlsae_dists/{mlsae_id}.log",
     wildcard_constraints:
@@ -236,10 +248,13 @@ rule plot_mlsae_dists:
     conda:
         "../../envs/saeflow.yaml"
     params:
-        code=code_version("figures.mlsae", "figures.pdf", "mlsae.math"),
+        code=code_version("figures.mlsae", "figures.pdf", "mlsae.math", "mlsae.similarity"),
     shell:
         "python -m saeflow.figures.mlsae dists --dists {input.dists}"
-        " --sae-id {wildcards.mlsae_id} --csv {output.csv} --pdf {output.pdf} > {log} 2>&1"
+        " --sae-id {wildcards.mlsae_id} --csv {output.csv} --pdf {output.pdf}"
+        " --hist-csv {output.hist_csv} --hist-pdf {output.hist_pdf}"
+        " --sae mlsae/saes/{wildcards.mlsae_id} --cos-csv {output.cos_csv}"
+        " --cos-pdf {output.cos_pdf} > {log} 2>&1"
 
 
 rule plot_mlsae_fvu:
@@ -289,9 +304,34 @@ rule mlsae_similarities:
         saes=mlsae_similarity_args,
         layers=" ".join(str(layer) for layer in MLSAE_LAYERS),
         model=mlsae_model_path,
-        code=code_version("mlsae.similarity", "mlsae.math"),
+        code=code_version("mlsae.similarity", "mlsae.trainer"),
     shell:
         "python -m saeflow.mlsae.similarity --saes {params.saes} --acts {input.acts}"
         " --layers {params.layers} --model {params.model} --mmcs {output.mmcs}"
         " --resid {output.resid} --embed {output.embed}"
         " --embed-latents {output.embed_latents} --threads {threads} > {log} 2>&1"
+
+
+rule plot_mlsae_summary:
+    input:
+        mmcs="tables/mlsae_mmcs.csv",
+        resid="tables/mlsae_resid_cos_sim.csv",
+        embed_latents="mlsae/analysis/embed_cos_sim_latents.csv",
+        layer_std="tables/mlsae_layer_std.csv",
+        sweep="tables/mlsae_sweep.csv",
+    output:
+        expand(
+            "plots/mlsae/{name}.{ext}",
+            name=["mmcs", "resid_cos_sim", "embed_cos_sim", "layer_std", "sweep"],
+            ext=["csv", "pdf"],
+        ),
+    log:
+        "logs/plot_mlsae_summary/summary.log",
+    conda:
+        "../../envs/saeflow.yaml"
+    params:
+        code=code_version("figures.mlsae", "figures.pdf"),
+    shell:
+        "python -m saeflow.figures.mlsae summary --mmcs {input.mmcs} --resid {input.resid}"
+        " --embed-latents {input.embed_latents} --layer-std {input.layer_std}"
+        " --sweep {input.sweep} --out-dir plots/mlsae > {log} 2>&1"

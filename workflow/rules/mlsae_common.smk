@@ -86,7 +86,7 @@ def mlsae_targets():
     return [
         "tables/mlsae_metrics.csv",
         *(["tables/mlsae_vs_single_layer.csv"] if MLSAE_BASELINES else []),
-        "tables/mlsae_mmcs.csv",
+        "plots/mlsae/mmcs.pdf",
         "plots/mlsae/fvu_layers.pdf",
         *[f"plots/mlsae/dists_heatmap_{i}.pdf" for i in sorted(MLSAES)],
     ]

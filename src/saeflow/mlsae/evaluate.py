@@ -25,13 +25,19 @@ import h5py
 import numpy as np
 import pandas as pd
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from saeflow import h5io
 from saeflow.device import DEVICE_HELP, resolve_device
 from saeflow.metrics import ReconstructionStats, kl_per_token, next_token_ce
-from saeflow.mlsae.math import dense_codes, layer_dists, reconstruct, variance_terms
+from saeflow.mlsae.math import (
+    dense_codes,
+    layer_dists,
+    reconstruct,
+    summarise_dists,
+    variance_terms,
+)
 from saeflow.mlsae.trainer import LoadedMLSAE, load_mlsae
 from saeflow.models import load_model, resolve_site
 
@@ -146,6 +152,10 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True, help="tables/mlsae_metrics.csv")
     t.add_argument("--out-layers", required=True, help="tables/mlsae_layers.csv")
     t.add_argument("--out-variances", required=True, help="tables/mlsae_variances.csv")
+    t.add_argument("--dists", nargs="+", required=True, help="dists.safetensors files")
+    t.add_argument("--sae-ids", nargs="+", required=True, help="their MLSAE ids")
+    t.add_argument("--out-sweep", required=True, help="tables/mlsae_sweep.csv")
+    t.add_argument("--out-layer-std", required=True, help="tables/mlsae_layer_std.csv")
     return p
 
 
@@ -183,7 +193,7 @@ def _write_outputs(args: argparse.Namespace, rows: list[dict], result: dict,
     numbers = table.drop(columns=["sae_id", "layer"])
     means = {str(c): float(numbers[c].mean()) for c in numbers.columns}
     summary = {"sae_id": args.sae_id, "n_layers": len(rows), "k": sae.k,
-               "d_sae": int(sae.params.W_dec.shape[0]),
+               "d_sae": int(sae.params.W_dec.shape[0]), "d_in": int(sae.params.W_dec.shape[1]),
                **{f"mean_{key}": value for key, value in means.items()},
                "max_layer_fvu": float(table["fvu"].max()),
                "dead_all_layers": result["dead_all_layers"]}
@@ -202,15 +212,61 @@ def _write_outputs(args: argparse.Namespace, rows: list[dict], result: dict,
         pd.DataFrame([variances]).to_csv(tmp, index=False)
 
 
+SWEEP_COLUMNS: tuple[str, ...] = ("mean_fvu", "max_layer_fvu", "mean_mse", "mean_l1",
+                                   "mean_mean_l0", "mean_delta_ce", "mean_kl",
+                                   "dead_all_layers")
+"""Columns of the sweep table (the original's ``figures/test.py`` FVU/MSE/L1/ΔCE/KL)."""
+
+
+def sweep_table(summaries: pd.DataFrame) -> pd.DataFrame:
+    """One row per MLSAE with its expansion factor and k, sorted by (expansion factor, k): the
+    original's ``test_{model}_k.csv`` and ``_expansion_factor.csv`` in one table."""
+    out = summaries[["sae_id"]].copy()
+    out["expansion_factor"] = summaries["d_sae"] / summaries["d_in"]
+    out["k"] = summaries["k"]
+    out["n_latents"] = summaries["d_sae"]
+    for col in SWEEP_COLUMNS:
+        if col in summaries:
+            out[col] = summaries[col]
+    return out.sort_values(["expansion_factor", "k", "sae_id"], kind="stable")
+
+
+def layer_std_row(sae_id: str, totals: torch.Tensor) -> dict[str, float | int | str]:
+    """The original's ``dists_layer_std.csv`` row: moments of the per-latent layer std over the
+    latents that fired (NaN ones left out, as its ``np.nan*``); ``*_rel`` divided by n_layers.
+    Its sem divides by all latents (``len(layer_std)``), this one by the latents that fired."""
+    n_layers = totals.shape[0]
+    std = summarise_dists(totals.double()).layer_std
+    std = std[~std.isnan()]
+    n = std.numel()
+    var = float(std.var(unbiased=False)) if n else float("nan")
+    row: dict[str, float | int | str] = {
+        "sae_id": sae_id, "n_layers": n_layers, "n_latents": totals.shape[1], "n_fired": n,
+        "mean": float(std.mean()) if n else float("nan"), "var": var, "std": var**0.5,
+        "sem": var**0.5 / n**0.5 if n else float("nan")}
+    for key in ("mean", "std", "sem"):
+        row[f"{key}_rel"] = float(row[key]) / n_layers
+    return row
+
+
 def table(args: argparse.Namespace) -> None:
     import json
     from pathlib import Path
 
+    if len(args.dists) != len(args.sae_ids):
+        raise SystemExit(f"--dists gives {len(args.dists)} files for {len(args.sae_ids)} "
+                         "--sae-ids")
+    summaries = pd.DataFrame([json.loads(Path(p).read_text()) for p in args.summaries])
+    layer_std = pd.DataFrame([layer_std_row(i, load_file(p)["totals"])
+                              for i, p in zip(args.sae_ids, args.dists)])
     outputs = [
-        (args.out, pd.DataFrame([json.loads(Path(p).read_text()) for p in args.summaries])),
+        (args.out, summaries),
         (args.out_layers, pd.concat([pd.read_csv(p) for p in args.layer_csvs])),
         (args.out_variances, pd.concat([pd.read_csv(p) for p in args.variances])),
+        (args.out_layer_std, layer_std),
     ]
+    with h5io.atomic_path(args.out_sweep) as tmp:
+        sweep_table(summaries).to_csv(tmp, index=False)
     for path, frame in outputs:
         with h5io.atomic_path(path) as tmp:
             frame.sort_values("sae_id", kind="stable").to_csv(tmp, index=False)

@@ -222,44 +222,18 @@ def dense_codes(codes: TopKCodes, n_latents: int) -> Tensor:
 
 
 # ====================================================================== similarities
-class MaxCosine(NamedTuple):
-    """Each row's largest cosine similarity to a set of rows, and which row attains it."""
-
-    values: Tensor
-    """(m,) float32."""
-    indices: Tensor
-    """(m,) int64."""
-
-
-def max_cosine(a: Tensor, b: Tensor, chunk: int = 1024, exclude_self: bool = False) -> MaxCosine:
-    """Largest cosine similarity of each row of ``a`` (m, d) to the rows of ``b`` (n, d).
+def mmcs(a: Tensor, b: Tensor, chunk: int = 1024) -> tuple[float, Tensor]:
+    """Mean max cosine similarity of the rows of ``a`` (m, d) to the rows of ``b`` (n, d).
 
     Chunked over the rows of ``a`` (the original's ``figures/mmcs.py`` chunks by 1024 for
-    large dictionaries) so memory is (chunk, n). ``exclude_self`` (``a`` is ``b``): row i is
-    not compared with itself.
+    large dictionaries) so memory is (chunk, n). Returns (MMCS, each row's max (m,)).
     """
-    if exclude_self and a.shape[0] < 2:
-        raise ValueError(f"exclude_self needs two rows or more, got {a.shape[0]}")
     bn = F.normalize(b.float(), dim=1)
-    values, indices = [], []
+    best = []
     for start in range(0, a.shape[0], chunk):
-        sims = F.normalize(a[start : start + chunk].float(), dim=1) @ bn.T
-        if exclude_self:
-            rows = torch.arange(sims.shape[0])
-            sims[rows, rows + start] = -torch.inf
-        best = sims.max(dim=1)
-        values.append(best.values)
-        indices.append(best.indices)
-    return MaxCosine(torch.cat(values), torch.cat(indices))
-
-
-def mmcs(a: Tensor, b: Tensor, chunk: int = 1024,
-         exclude_self: bool = False) -> tuple[float, Tensor]:
-    """Mean max cosine similarity of the rows of ``a`` to the rows of ``b`` (:func:`max_cosine`).
-
-    Returns (MMCS, each row's max (m,)).
-    """
-    per_row = max_cosine(a, b, chunk, exclude_self).values
+        an = F.normalize(a[start : start + chunk].float(), dim=1)
+        best.append((an @ bn.T).max(dim=1).values)
+    per_row = torch.cat(best)
     return float(per_row.double().mean()), per_row
 
 
@@ -270,3 +244,8 @@ def adjacent_cosine(x: Tensor) -> Tensor:
     """
     xc = x.double() - x.double().mean(dim=1, keepdim=True)
     return F.cosine_similarity(xc[:-1], xc[1:], dim=-1).mean(dim=1)
+
+
+def max_cosine_to(W_dec: Tensor, embed: Tensor, chunk: int = 1024) -> Tensor:
+    """Each decoder row's (m, d) max cosine similarity to the rows of ``embed`` (V, d) -> (m,)."""
+    return mmcs(W_dec, embed, chunk)[1]

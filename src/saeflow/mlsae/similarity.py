@@ -15,6 +15,10 @@
 - ``--embed`` / ``--embed-latents`` (``figures/embed_cos_sim.py``): each latent's largest cosine
   similarity of its decoder row to the input embeddings (``in``) and to the unembeddings (``out``)
   with the token that attains it; summary per SAE (mean, var, std, sem of each).
+
+:func:`pair_histogram` (the dists cos-sim heatmap of :mod:`saeflow.figures.mlsae`) lives here
+too, beside :func:`max_cosine`, so that :mod:`saeflow.mlsae.math` (which the training rule's
+code version covers) is unchanged by the analyses.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import argparse
 import math
 from collections.abc import Sequence
 from contextlib import ExitStack
+from typing import NamedTuple
 
 import h5py
 import numpy as np
@@ -32,8 +37,74 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from saeflow import h5io
-from saeflow.mlsae.math import max_cosine
 from saeflow.mlsae.trainer import load_mlsae
+
+
+class MaxCosine(NamedTuple):
+    """Each row's largest cosine similarity to a set of rows, and which row attains it."""
+
+    values: Tensor
+    """(m,) float32."""
+    indices: Tensor
+    """(m,) int64."""
+
+
+def max_cosine(a: Tensor, b: Tensor, chunk: int = 1024, exclude_self: bool = False) -> MaxCosine:
+    """Largest cosine similarity of each row of ``a`` (m, d) to the rows of ``b`` (n, d).
+
+    Chunked over the rows of ``a`` (the original's ``figures/mmcs.py`` chunks by 1024 for
+    large dictionaries) so memory is (chunk, n). ``exclude_self`` (``a`` is ``b``): row i is
+    not compared with itself.
+    """
+    if exclude_self and a.shape[0] < 2:
+        raise ValueError(f"exclude_self needs two rows or more, got {a.shape[0]}")
+    bn = F.normalize(b.float(), dim=1)
+    values, indices = [], []
+    for start in range(0, a.shape[0], chunk):
+        sims = F.normalize(a[start : start + chunk].float(), dim=1) @ bn.T
+        if exclude_self:
+            rows = torch.arange(sims.shape[0])
+            sims[rows, rows + start] = -torch.inf
+        best = sims.max(dim=1)
+        values.append(best.values)
+        indices.append(best.indices)
+    return MaxCosine(torch.cat(values), torch.cat(indices))
+
+
+def pair_histogram(W_dec: Tensor, layer_mean: Tensor, bins: tuple[int, int] = (64, 512),
+                   x_range: tuple[float, float] = (0.0, 5.0),
+                   y_range: tuple[float, float] = (-0.25, 0.25), chunk: int = 1024) -> Tensor:
+    """2-D histogram over latent pairs i < j of (|layer_mean_i - layer_mean_j|, cosine of their
+    decoder rows): the original's ``figures/dists_cos_sim_heatmaps.py`` (64 x 512 bins over
+    [0, 5] x [-0.25, 0.25]). Pairs outside the ranges are dropped, like ``hist2d``; bins are
+    half-open except the last, which includes its upper edge (numpy's rule). Chunked over rows.
+
+    The original sorted the decoder by mean layer but not the mean layers themselves, so its
+    differences paired the wrong latents; here both come from the same latent. Returns float64
+    counts (bins[0], bins[1]).
+    """
+    wn = F.normalize(W_dec.double(), dim=1)
+    mean = layer_mean.double()
+    counts = torch.zeros(bins[0] * bins[1], dtype=torch.float64)
+    m = wn.shape[0]
+    for start in range(0, m, chunk):
+        rows = torch.arange(start, min(start + chunk, m))
+        cos = wn[rows] @ wn.T
+        dx = (mean[rows].unsqueeze(1) - mean.unsqueeze(0)).abs()
+        upper = rows.unsqueeze(1) < torch.arange(m).unsqueeze(0)  # pairs i < j only
+        ix = _bin(dx, bins[0], x_range)
+        iy = _bin(cos, bins[1], y_range)
+        keep = upper & (ix >= 0) & (iy >= 0)
+        counts += torch.bincount((ix * bins[1] + iy)[keep], minlength=counts.numel()).double()
+    return counts.view(bins)
+
+
+def _bin(x: Tensor, n: int, bounds: tuple[float, float]) -> Tensor:
+    """Bin index of each value in ``n`` equal bins over ``bounds`` (-1 outside)."""
+    lo, hi = bounds
+    idx = torch.floor((x - lo) / (hi - lo) * n).long()
+    idx = torch.where(x == hi, n - 1, idx)
+    return torch.where((x >= lo) & (x <= hi), idx, -1)
 
 
 def _moments(x: Tensor) -> dict[str, float]:
