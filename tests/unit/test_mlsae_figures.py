@@ -32,7 +32,7 @@ def test_dists_table_and_plot(tmp_path: Path) -> None:
     table = pd.read_csv(tmp_path / "t.csv")
     assert sorted(table.latent.unique()) == [i for i in range(12) if i != 3]
     for _, rows in table.groupby("latent"):
-        assert abs(float(rows["prob"].sum()) - 1.0) < 1e-9
+        assert abs(float(rows["prob"].to_numpy().sum()) - 1.0) < 1e-9
     first = table[table.layer == 0].set_index("rank").sort_index()
     assert first["layer_mean"].is_monotonic_increasing
     assert int(first["latent"].iloc[-1]) == 7 and float(first["layer_mean"].iloc[-1]) == 4.0
@@ -55,12 +55,12 @@ def test_histogram_and_pair_heatmap_of_one_mlsae(tmp_path: Path) -> None:
     hist = pd.read_csv(out["h.csv"])
     assert len(hist) == 16 * 4
     width = hist["layer_hi"] - hist["layer_lo"]
-    assert float((hist["density"] * width).sum()) == pytest.approx(1.0)
+    assert float((hist["density"] * width).to_numpy().sum()) == pytest.approx(1.0)
     pairs = pd.read_csv(out["c.csv"])
     alive = [i for i in range(30) if i != 5]
     mean = summarise_dists(totals[:, alive].double()).layer_mean
     ref = pair_histogram(w[alive], mean, (64, 512), (0.0, 5.0), (-0.25, 0.25))
-    assert int(pairs["count"].sum()) == int(ref.sum()) > 0
+    assert int(pairs["count"].to_numpy().sum()) == int(ref.sum()) > 0
     for name in ("t.pdf", "h.pdf", "c.pdf"):
         assert Path(out[name]).read_bytes().startswith(b"%PDF")
 

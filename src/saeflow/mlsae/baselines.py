@@ -36,13 +36,13 @@ def compare(mlsae_layers: pd.DataFrame, baseline_layers: pd.DataFrame,
     metrics = [m for m in METRICS if m in mlsae_layers and m in baseline_layers]
     rows = []
     for sae_id, mlsae_id in sorted(pairs.items()):
-        single = baseline_layers[baseline_layers["sae_id"] == sae_id]
+        single = baseline_layers.loc[baseline_layers["sae_id"] == sae_id]
         if len(single) != 1:
             raise CompareError(f"baseline '{sae_id}': {len(single)} rows in its layers table, "
                                "expected 1")
         layer = int(single["layer"].iloc[0])
-        multi = mlsae_layers[(mlsae_layers["sae_id"] == mlsae_id)
-                             & (mlsae_layers["layer"] == layer)]
+        multi = mlsae_layers.loc[(mlsae_layers["sae_id"] == mlsae_id)
+                                 & (mlsae_layers["layer"] == layer)]
         if len(multi) != 1:
             raise CompareError(f"MLSAE '{mlsae_id}' has {len(multi)} rows at layer {layer} "
                                f"(for baseline '{sae_id}'), expected 1")

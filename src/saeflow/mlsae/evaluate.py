@@ -191,11 +191,11 @@ def _write_outputs(args: argparse.Namespace, rows: list[dict], result: dict,
     with h5io.atomic_path(args.layer_csv) as tmp:
         table.to_csv(tmp, index=False)
     numbers = table.drop(columns=["sae_id", "layer"])
-    means = {str(c): float(numbers[c].mean()) for c in numbers.columns}
+    means = {str(c): float(numbers[c].to_numpy().mean()) for c in numbers.columns}
     summary = {"sae_id": args.sae_id, "n_layers": len(rows), "k": sae.k,
                "d_sae": int(sae.params.W_dec.shape[0]), "d_in": int(sae.params.W_dec.shape[1]),
                **{f"mean_{key}": value for key, value in means.items()},
-               "max_layer_fvu": float(table["fvu"].max()),
+               "max_layer_fvu": float(table["fvu"].to_numpy().max()),
                "dead_all_layers": result["dead_all_layers"]}
     h5io.write_json(args.summary, summary)
     if args.dists is None:
@@ -221,14 +221,14 @@ SWEEP_COLUMNS: tuple[str, ...] = ("mean_fvu", "max_layer_fvu", "mean_mse", "mean
 def sweep_table(summaries: pd.DataFrame) -> pd.DataFrame:
     """One row per MLSAE with its expansion factor and k, sorted by (expansion factor, k): the
     original's ``test_{model}_k.csv`` and ``_expansion_factor.csv`` in one table."""
-    out = summaries[["sae_id"]].copy()
+    out = pd.DataFrame({"sae_id": summaries["sae_id"]})
     out["expansion_factor"] = summaries["d_sae"] / summaries["d_in"]
     out["k"] = summaries["k"]
     out["n_latents"] = summaries["d_sae"]
     for col in SWEEP_COLUMNS:
         if col in summaries:
             out[col] = summaries[col]
-    return out.sort_values(["expansion_factor", "k", "sae_id"], kind="stable")
+    return out.sort_values(by=["expansion_factor", "k", "sae_id"], kind="stable")
 
 
 def layer_std_row(sae_id: str, totals: torch.Tensor) -> dict[str, float | int | str]:

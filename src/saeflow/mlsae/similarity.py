@@ -226,7 +226,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     model, _ = load_model(args.model)
     with torch.no_grad():
-        embed_in = model.get_input_embeddings().weight.detach().float()
+        embed_in = model.get_input_embeddings().get_parameter("weight").detach().float()
         out = model.get_output_embeddings()
         if out is None:
             raise SystemExit(f"{args.model}: the model has no output embeddings (unembedding)")
