@@ -335,3 +335,40 @@ rule plot_mlsae_summary:
         "python -m saeflow.figures.mlsae summary --mmcs {input.mmcs} --resid {input.resid}"
         " --embed-latents {input.embed_latents} --layer-std {input.layer_std}"
         " --sweep {input.sweep} --out-dir plots/mlsae > {log} 2>&1"
+
+
+rule mlsae_examples:
+    input:
+        cfg="mlsae/saes/{mlsae_id}/cfg.json",
+        weights="mlsae/saes/{mlsae_id}/sae_weights.safetensors",
+        acts=mlsae_eval_acts,
+        model=mlsae_model_files,
+    output:
+        stamp="mlsae/analysis/{mlsae_id}/examples_loaded.json",
+    log:
+        "logs/mlsae_examples/{mlsae_id}.log",
+    benchmark:
+        "benchmarks/mlsae_examples/{mlsae_id}.tsv"
+    wildcard_constraints:
+        mlsae_id=alternation(MLSAE_EXAMPLES),
+    conda:
+        "../../envs/saeflow.yaml"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=60,
+        feature_db=1,
+    params:
+        model=mlsae_model_path,
+        layers=mlsae_layer_args,
+        n=MLSAE.get("examples_per_layer"),
+        context=MLSAE.get("example_context"),
+        chunk=MLSAE.get("chunk_tokens"),
+        db=config["analysis"]["db"],
+        code=code_version("mlsae.examples", "mlsae.math", "analysis.store"),
+    shell:
+        "python -m saeflow.mlsae.examples --sae mlsae/saes/{wildcards.mlsae_id}"
+        " --sae-id {wildcards.mlsae_id} --acts {input.acts} --layers {params.layers}"
+        " --model {params.model} --n-examples {params.n} --context {params.context}"
+        " --chunk-tokens {params.chunk} --db {params.db} --stamp {output.stamp}"
+        " --threads {threads} > {log} 2>&1"

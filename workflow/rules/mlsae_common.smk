@@ -12,6 +12,7 @@ MLSAE_TRAINED = sorted(i for i, s in MLSAES.items() if s["kind"] == "trained")
 MLSAE_PRETRAINED = sorted(i for i, s in MLSAES.items() if s["kind"] == "pretrained")
 MLSAE_BASELINES = mlsae_config.baselines(config)
 MLSAE_BASELINE_IDS = sorted(MLSAE_BASELINES)
+MLSAE_EXAMPLES = mlsae_config.example_mlsaes(config)
 
 
 def mlsae_entry(sae_id):
@@ -87,6 +88,7 @@ def mlsae_targets():
         "tables/mlsae_metrics.csv",
         *(["tables/mlsae_vs_single_layer.csv"] if MLSAE_BASELINES else []),
         "plots/mlsae/mmcs.pdf",
+        *[f"mlsae/analysis/{i}/examples_loaded.json" for i in MLSAE_EXAMPLES],
         "plots/mlsae/fvu_layers.pdf",
         *[f"plots/mlsae/dists_heatmap_{i}.pdf" for i in sorted(MLSAES)],
     ]

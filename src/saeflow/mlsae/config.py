@@ -80,6 +80,19 @@ def mlsae_table(config: dict) -> dict[str, dict[str, Any]]:
 
 
 
+def example_mlsaes(config: dict) -> list[str]:
+    """The MLSAE ids whose examples per (latent, layer) go into the feature database."""
+    if not enabled(config):
+        return []
+    table = mlsae_table(config)
+    chosen = config["mlsae"].get("example_mlsaes") or []
+    for sae_id in chosen:
+        if sae_id not in table:
+            raise MLSAEConfigError(f"mlsae.example_mlsaes: '{sae_id}' is not an MLSAE of the "
+                                   f"section (expected one of {sorted(table)})")
+    return sorted(set(chosen))
+
+
 def baselines(config: dict) -> dict[str, dict[str, Any]]:
     """Every single-layer baseline by id: the MLSAE it is compared with, its layer, R and k."""
     if not enabled(config):
