@@ -111,6 +111,7 @@ def db(request, tmp_path):
     url = request.getfixturevalue("pg_url")
     s = store.open_store(url)
     s._exec("DELETE FROM layer_examples")
+    s._exec("DELETE FROM mlsaes")
     s.close()
     return url
 
@@ -124,14 +125,16 @@ def test_layer_examples_round_trip_and_replace(db) -> None:
     s = store.open_store(db)
     try:
         rows = [_row(1, 2, 1, 0.5), _row(1, 0, 0, 2.0), _row(1, 2, 0, 0.9), _row(3, 0, 0, 1.0)]
-        assert s.load_layer_examples("m", rows) == 4
+        assert s.load_layer_examples("m", rows, {"sae_id": "m", "layers": [0, 2]}) == 4
+        assert s.mlsae("m")["summary"]["layers"] == [0, 2] and s.mlsae("nope") is None
         assert s.load_layer_examples("other", [_row(1, 2, 0, 9.0)]) == 1
         got = s.layer_examples("m", 1)
         assert [(r["layer"], r["rank"], r["act"]) for r in got] == [(0, 0, 2.0), (2, 0, 0.9),
                                                                    (2, 1, 0.5)]
         assert got[0]["tokens"] == ["a", " é"] and got[0]["acts"] == [0.0, 2.0]
         assert [r["act"] for r in s.layer_examples("m", 1, layer=2)] == [0.9, 0.5]
-        assert s.load_layer_examples("m", [_row(1, 5, 0, 4.0)]) == 1  # replaces m only
+        assert s.load_layer_examples("m", [_row(1, 5, 0, 4.0)], {"layers": [5]}) == 1
+        assert [m["summary"]["layers"] for m in s.mlsaes()] == [[5]]  # replaced, m only
         assert [r["layer"] for r in s.layer_examples("m", 1)] == [5]
         assert s.layer_examples("m", 3) == []
         assert s.layer_examples("other", 1)[0]["act"] == 9.0

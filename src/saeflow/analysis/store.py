@@ -17,6 +17,8 @@ feature's analysis is one JSON document, JSONB on PostgreSQL):
     primary key (sae, idx, layer, rank): max-activating examples per (latent, layer) of a
     multi-layer SAE (:mod:`saeflow.mlsae.examples`), the original mlsae ``examples`` table with
     ``sae`` added; replaced per SAE in one transaction by :meth:`FeatureStore.load_layer_examples`
+    together with its row of ``mlsaes(name, summary, loaded_at)`` (layers, d_sae, model and
+    MLSAE paths, for the viewer's prompt views)
 
 A load replaces the SAE's ``saes`` row, its ``features`` and its auto-interp interpretations in
 one transaction, so readers see the old version until the commit and a killed load leaves it
@@ -57,6 +59,8 @@ CREATE TABLE IF NOT EXISTS layer_examples (sae TEXT NOT NULL, idx INTEGER NOT NU
     layer INTEGER NOT NULL, rank INTEGER NOT NULL, act DOUBLE PRECISION NOT NULL,
     token_id INTEGER NOT NULL, token TEXT NOT NULL, token_ids {json} NOT NULL,
     tokens {json} NOT NULL, acts {json} NOT NULL, PRIMARY KEY (sae, idx, layer, rank));
+CREATE TABLE IF NOT EXISTS mlsaes (name TEXT PRIMARY KEY, summary {json} NOT NULL,
+    loaded_at TEXT NOT NULL);
 """
 
 LAYER_EXAMPLE_COLUMNS = ("idx", "layer", "rank", "act", "token_id", "token", "token_ids",
@@ -139,13 +143,19 @@ class FeatureStore:
             raise
         return n
 
-    def load_layer_examples(self, sae: str, rows: Iterable[dict], batch_rows: int = 2000) -> int:
-        """Replace one SAE's per-(latent, layer) examples in one transaction; return the count."""
+    def load_layer_examples(self, sae: str, rows: Iterable[dict], summary: dict | None = None,
+                            batch_rows: int = 2000) -> int:
+        """Replace one SAE's per-(latent, layer) examples (and its ``mlsaes`` row, when
+        ``summary`` is given) in one transaction; return the number of examples."""
         n = 0
         self._begin()
         try:
             cur = self.conn.cursor()
             cur.execute(self._sql("DELETE FROM layer_examples WHERE sae = ?"), (sae,))
+            if summary is not None:
+                cur.execute(self._sql("DELETE FROM mlsaes WHERE name = ?"), (sae,))
+                cur.execute(self._sql("INSERT INTO mlsaes (name, summary, loaded_at)"
+                                      " VALUES (?, ?, ?)"), (sae, json.dumps(summary), _now()))
             insert = self._sql(f"INSERT INTO layer_examples (sae, {', '.join(LAYER_EXAMPLE_COLUMNS)})"
                                f" VALUES (?{', ?' * len(LAYER_EXAMPLE_COLUMNS)})")
             for batch in _batches(rows, batch_rows):
@@ -160,6 +170,13 @@ class FeatureStore:
             self.conn.rollback()
             raise
         return n
+
+    def mlsaes(self) -> list[dict]:
+        rows = self._rows("SELECT name, summary, loaded_at FROM mlsaes ORDER BY name")
+        return [{"name": r[0], "summary": _json(r[1]), "loaded_at": r[2]} for r in rows]
+
+    def mlsae(self, name: str) -> dict | None:
+        return next((s for s in self.mlsaes() if s["name"] == name), None)
 
     def layer_examples(self, sae: str, idx: int, layer: int | None = None) -> list[dict]:
         """A latent's examples, by layer then rank (one layer if ``layer`` is given)."""

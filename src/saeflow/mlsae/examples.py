@@ -178,7 +178,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     rows = example_rows(ex, windows, window_acts, tokens, args.layers, decode)
     store = open_store(args.db)
     try:
-        n = store.load_layer_examples(args.sae_id, rows)
+        summary = {"sae_id": args.sae_id, "d_sae": int(sae.params.W_dec.shape[0]),
+                   "d_in": int(sae.params.W_dec.shape[1]), "k": sae.k, "layers": sae.layers,
+                   "sae_path": args.sae, "model_path": args.model,
+                   "n_examples": args.n_examples, "context": args.context}
+        n = store.load_layer_examples(args.sae_id, rows, summary)
     finally:
         store.close()
     h5io.write_json(args.stamp, {"sae_id": args.sae_id, "examples": n,
