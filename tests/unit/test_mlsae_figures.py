@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 from saeflow.figures.mlsae import main
 from saeflow.mlsae.evaluate import layer_std_row, sweep_table
 from saeflow.mlsae.math import summarise_dists
+from saeflow.mlsae.prompt import prompt_table
 from saeflow.mlsae.similarity import pair_histogram
 from saeflow.mlsae.trainer import MLSAETrainConfig, save_mlsae
 from saeflow.topk import TopKParams
@@ -114,3 +115,22 @@ def test_sweep_and_layer_std_tables() -> None:
     assert row["mean"] == pytest.approx(float(np.mean(std)), abs=1e-9)
     assert row["std"] == pytest.approx(float(np.std(std)), abs=1e-9)
     assert row["mean_rel"] == pytest.approx(float(np.mean(std)) / 5, abs=1e-9)
+
+
+def test_prompt_table_against_loops() -> None:
+    gen = torch.Generator().manual_seed(5)
+    lat = torch.rand(3, 4, 6, generator=gen) * (torch.rand(3, 4, 6, generator=gen) > 0.6)
+    lat[:, 1, 2] = torch.tensor([0.0, 0.0, 5e-4])  # below the threshold: left out
+    table = prompt_table(lat, ["a", "b", "c", "d"], [4, 5, 6], "m")
+    pairs = [(p, j) for p in range(4) for j in range(6) if float(lat[:, p, j].max()) > 1e-3]
+    assert len(table) == 3 * len(pairs) and (1, 2) not in pairs
+    means = {}
+    for p, j in pairs:
+        col = lat[:, p, j].double()
+        means[(p, j)] = float((col / col.sum() * torch.arange(3)).sum())
+        rows = table[(table.position == p) & (table.latent == j)]
+        assert list(rows.layer) == [4, 5, 6] and set(rows.token) == {"abcd"[p]}
+        np.testing.assert_allclose(rows.act.to_numpy(), col.numpy(), rtol=1e-12)
+    ranked = table.loc[table["layer"] == 4].sort_values(by="rank")
+    got = [means[(int(p), int(j))] for p, j in zip(ranked.position, ranked.latent, strict=True)]
+    assert got == sorted(got, reverse=True) and list(ranked["rank"]) == list(range(len(pairs)))

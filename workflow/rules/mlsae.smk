@@ -372,3 +372,31 @@ rule mlsae_examples:
         " --model {params.model} --n-examples {params.n} --context {params.context}"
         " --chunk-tokens {params.chunk} --db {params.db} --stamp {output.stamp}"
         " --threads {threads} > {log} 2>&1"
+
+
+rule plot_mlsae_prompt:
+    input:
+        cfgs=expand("mlsae/saes/{i}/cfg.json", i=sorted(MLSAES)),
+        weights=expand("mlsae/saes/{i}/sae_weights.safetensors", i=sorted(MLSAES)),
+        model=mlsae_model_files,
+    output:
+        expand(
+            "plots/mlsae/prompt_heatmap_{i}.{ext}",
+            i=sorted(MLSAES),
+            ext=["csv", "pdf"],
+        ),
+    log:
+        "logs/plot_mlsae_prompt/prompt.log",
+    conda:
+        "../../envs/saeflow.yaml"
+    resources:
+        mem_mb=mlsae_model_mem_mb,
+        runtime=20,
+    params:
+        saes=" ".join(f"{i}=mlsae/saes/{i}" for i in sorted(MLSAES)),
+        model=mlsae_model_path,
+        prompt=MLSAE.get("prompt", ""),
+        code=code_version("figures.mlsae", "figures.pdf", "mlsae.prompt"),
+    shell:
+        "python -m saeflow.figures.mlsae prompt --saes {params.saes} --model {params.model}"
+        " --prompt {params.prompt:q} --out-dir plots/mlsae > {log} 2>&1"

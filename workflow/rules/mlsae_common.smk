@@ -88,6 +88,7 @@ def mlsae_targets():
         "tables/mlsae_metrics.csv",
         *(["tables/mlsae_vs_single_layer.csv"] if MLSAE_BASELINES else []),
         "plots/mlsae/mmcs.pdf",
+        *[f"plots/mlsae/prompt_heatmap_{i}.pdf" for i in sorted(MLSAES)],
         *[f"mlsae/analysis/{i}/examples_loaded.json" for i in MLSAE_EXAMPLES],
         "plots/mlsae/fvu_layers.pdf",
         *[f"plots/mlsae/dists_heatmap_{i}.pdf" for i in sorted(MLSAES)],

@@ -17,6 +17,10 @@
     similarity against layer), ``embed_cos_sim`` (histograms of each latent's largest cosine
     similarity to the embeddings and unembeddings), ``layer_std`` (mean per-latent layer std
     per MLSAE), ``sweep`` (mean FVU and ΔCE over expansion factor x k); each PDF beside its CSV.
+``python -m saeflow.figures.mlsae prompt --saes ID=DIR ... --model M --prompt TEXT
+--out-dir plots/mlsae``
+    ``prompt_heatmap_{id}``: the activation at each layer of every (token, latent) pair active on
+    the paper's prompt, pairs sorted by mean layer (:mod:`saeflow.mlsae.prompt`).
 """
 
 from __future__ import annotations
@@ -210,6 +214,47 @@ SUMMARY = {
 """Summary figure name -> (drawer, columns its CSV must hold)."""
 
 
+def draw_prompt(table: pd.DataFrame):
+    def draw(fig: Figure) -> None:
+        grid = table.pivot(index="layer", columns="rank", values="act").to_numpy()
+        ax = fig.add_subplot()
+        image = ax.imshow(grid, aspect="auto", cmap="magma_r", interpolation="nearest",
+                          origin="lower")
+        ax.set_xlabel("(token, latent) pair, sorted by mean layer")
+        ax.set_ylabel("layer index")
+        fig.colorbar(image, ax=ax, label="activation")
+    return draw
+
+
+def _prompt(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    import torch
+
+    from saeflow.mlsae.prompt import layer_residuals, prompt_latents, prompt_table
+    from saeflow.mlsae.trainer import load_mlsae
+    from saeflow.models import load_model
+
+    if not args.saes or not args.model or not args.out_dir:
+        raise SystemExit("prompt needs --saes, --model and --out-dir")
+    model, tokenizer = load_model(args.model)
+    ids = tokenizer(args.prompt, return_tensors="pt").input_ids
+    tokens = [str(tokenizer.decode([t])) for t in ids[0].tolist()]
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cache: dict[tuple[int, ...], torch.Tensor] = {}
+    for item in args.saes:
+        sae_id, _, path = item.partition("=")
+        sae = load_mlsae(path)
+        key = tuple(sae.layers)
+        if key not in cache:
+            cache[key] = layer_residuals(model, ids, sae.layers)
+        table = prompt_table(prompt_latents(sae, cache[key]), tokens, sae.layers, sae_id)
+        _plot(table, str(out / f"prompt_heatmap_{sae_id}.csv"),
+              str(out / f"prompt_heatmap_{sae_id}.pdf"), draw_prompt,
+              ["rank", "layer", "act"], args.width, args.height)
+
+
 def _plot(table: pd.DataFrame, csv: str, pdf: str, draw, columns: list[str], width: float,
           height: float) -> None:
     """Write ``table`` to ``csv``, then draw ``pdf`` from the CSV as read back."""
@@ -221,7 +266,7 @@ def _plot(table: pd.DataFrame, csv: str, pdf: str, draw, columns: list[str], wid
 def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m saeflow.figures.mlsae", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("kind", choices=["dists", "fvu", "summary"])
+    p.add_argument("kind", choices=["dists", "fvu", "summary", "prompt"])
     p.add_argument("--dists", help="dists.safetensors (dists)")
     p.add_argument("--sae-id", default="", help="MLSAE id (dists)")
     p.add_argument("--layers", help="tables/mlsae_layers.csv (fvu)")
@@ -232,12 +277,21 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--sae", help="dists: the MLSAE folder (for --cos-*)")
     for name in ("mmcs", "resid", "embed-latents", "layer-std", "sweep"):
         p.add_argument(f"--{name}", help=f"summary: the {name} table")
-    p.add_argument("--out-dir", help="summary: folder of the PDFs and their CSVs")
+    p.add_argument("--out-dir", help="summary, prompt: folder of the PDFs and their CSVs")
+    p.add_argument("--saes", nargs="+", help="prompt: ID=DIR per MLSAE")
+    p.add_argument("--model", help="prompt: model folder or id")
+    p.add_argument("--prompt", default=None, help="prompt: the text (default: the paper's)")
     p.add_argument("--width", type=float, default=5.5)
     p.add_argument("--height", type=float, default=2.5)
     args = p.parse_args(argv)
     if args.kind == "summary":
         _summary(args)
+        return
+    if args.kind == "prompt":
+        from saeflow.mlsae.prompt import PAPER_PROMPT
+
+        args.prompt = args.prompt or PAPER_PROMPT
+        _prompt(args)
         return
     if args.csv is None or args.pdf is None:
         p.error(f"{args.kind} needs --csv and --pdf")

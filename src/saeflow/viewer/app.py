@@ -100,19 +100,9 @@ class MLSAERunner:
     def codes(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """TopK codes (values, indices) [n_layers, n_tokens, k] at every MLSAE layer."""
         from saeflow.mlsae.math import reconstruct
-        from saeflow.models import site_activation
+        from saeflow.mlsae.prompt import layer_residuals
 
-        captured: dict[int, torch.Tensor] = {}
-        hooks = [module.register_forward_hook(
-            lambda _m, _i, out, layer=layer: captured.__setitem__(layer, site_activation(out)))
-            for layer, module in self.modules.items()]
-        try:
-            with torch.inference_mode():
-                self.model(ids)
-        finally:
-            for hook in hooks:
-                hook.remove()
-        x = torch.stack([captured[layer][0].float() for layer in self.sae.layers])
+        x = layer_residuals(self.model, ids, self.sae.layers)
         codes = reconstruct(self.sae.params, x, self.sae.k)[1]
         return codes.values, codes.indices
 
