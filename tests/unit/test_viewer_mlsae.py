@@ -10,6 +10,7 @@ import sys
 import time
 
 import httpx
+import numpy as np
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -132,12 +133,49 @@ def test_steering_changes_the_logits_as_adding_the_decoder_row(server: httpx.Cli
     assert last["decrease"][0][1] == pytest.approx(float(delta[-1].min()), rel=1e-3)
 
 
+def test_logits_with_the_reconstruction_spliced_in(server: httpx.Client, built: dict) -> None:
+    res = server.post("/mlsaes/tiny-mlsae/prompt/logits-recon",
+                      json={"text": TEXT, "layer": 0, "top": 3}).json()
+    module = resolve_site(built["model"], "blocks.0.hook_resid_post")[0]
+
+    def splice(_m, _i, out):
+        hidden = out[0] if isinstance(out, tuple) else out
+        recon = reconstruct(built["params"], hidden.float(), K)[0]
+        return (recon, *out[1:]) if isinstance(out, tuple) else recon
+
+    with torch.inference_mode():
+        clean = built["model"](built["ids"]).logits[0].log_softmax(-1)
+        hook = module.register_forward_hook(splice)
+        spliced = built["model"](built["ids"]).logits[0].log_softmax(-1)
+        hook.remove()
+    kl = (clean.exp() * (clean - spliced)).sum(-1)
+    torch.testing.assert_close(torch.tensor(res["kl"]), kl, atol=1e-5, rtol=1e-4)
+    assert min(res["kl"]) >= -1e-6 and max(res["kl"]) > 0
+    last = res["positions"][-1]
+    assert last["spliced"][0][1] == pytest.approx(float(spliced[-1].exp().max()), rel=1e-4)
+    assert last["clean"][0][1] == pytest.approx(float(clean[-1].exp().max()), rel=1e-4)
+
+
+def test_prompt_heatmap_columns(server: httpx.Client, built: dict) -> None:
+    res = server.post("/mlsaes/tiny-mlsae/prompt/heatmap", json={"text": TEXT}).json()
+    dense = dense_codes(reconstruct(built["params"], _residuals(built), K)[1], M)
+    active = int((dense.amax(dim=0) > 1e-3).sum())
+    assert res["layers"] == LAYERS and len(res["columns"]) == active > 0
+    means = [c["layer_mean"] for c in res["columns"]]
+    assert means == sorted(means, reverse=True)
+    for c in res["columns"]:
+        np.testing.assert_allclose(c["acts"], dense[:, c["position"], c["latent"]].numpy(),
+                                   rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize(("path", "body", "code", "words"), [
     ("/mlsaes/nope/prompt/latent-activations", {"text": "a"}, 404, "unknown MLSAE 'nope'"),
     ("/mlsaes/tiny-mlsae/prompt/logits-steer",
      {"text": "a", "latent": 1, "layer": 3, "factor": 1.0}, 404, "layer 3 is not read"),
     ("/mlsaes/tiny-mlsae/prompt/logits-steer",
      {"text": "a", "latent": 48, "layer": 0, "factor": 1.0}, 404, "latent 48 out of range"),
+    ("/mlsaes/tiny-mlsae/prompt/logits-recon", {"text": "a", "layer": 2}, 404,
+     "layer 2 is not read"),
 ])
 def test_errors_name_the_problem(server: httpx.Client, path: str, body: dict, code: int,
                                  words: str) -> None:

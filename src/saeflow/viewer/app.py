@@ -26,6 +26,13 @@ POST /mlsaes/{name}/prompt/logits-steer          {"text", "latent", "layer", "fa
                                                  log-probability change per position when
                                                  factor * W_dec[latent] is added to the residual
                                                  stream at that layer (every position)
+POST /mlsaes/{name}/prompt/logits-recon          {"text", "layer", "top"}: top next-token
+                                                 predictions clean and with the MLSAE's
+                                                 reconstruction spliced in at that layer, and
+                                                 KL(clean || spliced) per position
+POST /mlsaes/{name}/prompt/heatmap               {"text"}: the prompt heatmap's columns (each
+                                                 active (token, latent) pair's activation per
+                                                 layer, sorted by mean layer)
 """
 
 from __future__ import annotations
@@ -76,6 +83,12 @@ class Steer(BaseModel):
     top: int = Field(default=5, ge=1, le=50)
 
 
+class Recon(BaseModel):
+    text: str = Field(min_length=1, max_length=MAX_TEXT_CHARS)
+    layer: int = Field(ge=0)
+    top: int = Field(default=5, ge=1, le=50)
+
+
 class MLSAERunner:
     """Model + MLSAE, loaded on first use, for the prompt views."""
 
@@ -105,6 +118,24 @@ class MLSAERunner:
         x = layer_residuals(self.model, ids, self.sae.layers)
         codes = reconstruct(self.sae.params, x, self.sae.k)[1]
         return codes.values, codes.indices
+
+    def spliced(self, ids: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Clean logits and logits with the reconstruction at ``layer`` [n_tokens, vocab]."""
+        from saeflow.mlsae.math import reconstruct
+
+        def splice(_module, _inputs, output):
+            hidden = output[0] if isinstance(output, tuple) else output
+            recon = reconstruct(self.sae.params, hidden.float(), self.sae.k)[0].to(hidden.dtype)
+            return (recon, *output[1:]) if isinstance(output, tuple) else recon
+
+        with torch.inference_mode():
+            clean = self.model(ids).logits[0].float()
+            hook = self.modules[layer].register_forward_hook(splice)
+            try:
+                spliced = self.model(ids).logits[0].float()
+            finally:
+                hook.remove()
+        return clean, spliced
 
     def steer(self, ids: torch.Tensor, latent: int, layer: int,
               factor: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -203,6 +234,7 @@ def create_app(db: str, root: str | None = None) -> FastAPI:
 
     _routes(app, store, call, sae, feature, runner)
     _mlsae_routes(app, call, mlsae, mlsae_runner)
+    _mlsae_prompt_routes(app, mlsae, mlsae_runner)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     @app.get("/", include_in_schema=False)
@@ -359,3 +391,47 @@ def _mlsae_routes(app: FastAPI, call, mlsae, runner) -> None:
                 "positions": [{"increase": pairs(up.values[p], up.indices[p]),
                                "decrease": pairs(-down.values[p], down.indices[p])}
                               for p in range(delta.shape[0])]}
+
+
+def _mlsae_prompt_routes(app: FastAPI, mlsae, runner) -> None:
+    def check_layer(name: str, layer: int) -> dict:
+        s = mlsae(name)
+        if layer not in s["layers"]:
+            raise HTTPException(404, f"layer {layer} is not read by '{name}' "
+                                     f"(layers {s['layers']})")
+        return s
+
+    @app.post("/api/mlsaes/{name}/prompt/logits-recon")
+    def logits_recon(name: str, body: Recon) -> dict:
+        check_layer(name, body.layer)
+        r = runner(name)
+        ids = r.ids(body.text)
+        clean, spliced = (t.log_softmax(-1) for t in r.spliced(ids, body.layer))
+        kl = (clean.exp() * (clean - spliced)).sum(-1)
+
+        def top(logp: torch.Tensor) -> list[list]:
+            values, idx = logp.topk(body.top)
+            return [[str(r.tokenizer.decode([int(t)])), float(v)]
+                    for t, v in zip(idx.tolist(), values.exp().tolist(), strict=True)]
+
+        return {"tokens": r.tokens(ids), "layer": body.layer, "kl": kl.tolist(),
+                "positions": [{"clean": top(clean[p]), "spliced": top(spliced[p])}
+                              for p in range(clean.shape[0])]}
+
+    @app.post("/api/mlsaes/{name}/prompt/heatmap")
+    def heatmap(name: str, body: Text) -> dict:
+        from saeflow.mlsae.prompt import layer_residuals, prompt_latents, prompt_table
+
+        s = mlsae(name)
+        r = runner(name)
+        ids = r.ids(body.text)
+        latents = prompt_latents(r.sae, layer_residuals(r.model, ids, r.sae.layers))
+        table = prompt_table(latents, r.tokens(ids), s["layers"], name)
+        columns: dict[int, dict] = {}
+        for row in table.to_dict("records"):
+            col = columns.setdefault(int(row["rank"]), {
+                "rank": int(row["rank"]), "position": int(row["position"]),
+                "token": str(row["token"]), "latent": int(row["latent"]),
+                "layer_mean": float(row["layer_mean"]), "acts": []})
+            col["acts"].append(float(row["act"]))  # rows come layer by layer, in order
+        return {"layers": s["layers"], "columns": [columns[k] for k in sorted(columns)]}
