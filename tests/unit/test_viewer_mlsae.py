@@ -121,10 +121,10 @@ def test_steering_changes_the_logits_as_adding_the_decoder_row(server: httpx.Cli
     direction = 40.0 * built["params"].W_dec[5]
     module = resolve_site(built["model"], "blocks.1.hook_resid_post")[0]
     with torch.inference_mode():
-        clean = built["model"](built["ids"]).logits[0].log_softmax(-1)
+        clean = built["model"](built["ids"]).logits[0]
         hook = module.register_forward_hook(lambda _m, _i, out: (out[0] + direction, *out[1:])
                                             if isinstance(out, tuple) else out + direction)
-        steered = built["model"](built["ids"]).logits[0].log_softmax(-1)
+        steered = built["model"](built["ids"]).logits[0]
         hook.remove()
     delta = steered - clean
     assert res["max_abs_change"] == pytest.approx(float(delta.abs().max()), rel=1e-3)
@@ -166,6 +166,18 @@ def test_prompt_heatmap_columns(server: httpx.Client, built: dict) -> None:
     for c in res["columns"]:
         np.testing.assert_allclose(c["acts"], dense[:, c["position"], c["latent"]].numpy(),
                                    rtol=1e-4, atol=1e-6)
+
+
+def test_layer_histograms_count_every_latent(server: httpx.Client, built: dict) -> None:
+    res = server.post("/mlsaes/tiny-mlsae/prompt/layer-histograms", json={"text": TEXT},
+                      params={"bins": 8}).json()
+    dense = dense_codes(reconstruct(built["params"], _residuals(built), K)[1], M)
+    assert res["layers"] == LAYERS and len(res["edges"]) == 9
+    assert res["edges"][-1] == pytest.approx(float(dense.max()), rel=1e-5)
+    for li, counts in enumerate(res["counts"]):
+        assert sum(counts) == dense[li].numel()  # zeros included, as the original
+        ref = np.histogram(dense[li].numpy(), bins=8, range=(0, res["edges"][-1]))[0]
+        assert np.abs(np.array(counts) - ref).sum() <= 2  # edge rounding of float32 histc
 
 
 @pytest.mark.parametrize(("path", "body", "code", "words"), [

@@ -23,7 +23,7 @@ GET  /mlsaes/{name}/features/{index}/examples?layer=   max-activating examples p
 POST /mlsaes/{name}/prompt/latent-activations    {"text", "latent"?, "top"}: per layer, each
                                                  token's active latents (and one latent's acts)
 POST /mlsaes/{name}/prompt/logits-steer          {"text", "latent", "layer", "factor", "top"}:
-                                                 log-probability change per position when
+                                                 logit change per position when
                                                  factor * W_dec[latent] is added to the residual
                                                  stream at that layer (every position)
 POST /mlsaes/{name}/prompt/logits-recon          {"text", "layer", "top"}: top next-token
@@ -33,6 +33,9 @@ POST /mlsaes/{name}/prompt/logits-recon          {"text", "layer", "top"}: top n
 POST /mlsaes/{name}/prompt/heatmap               {"text"}: the prompt heatmap's columns (each
                                                  active (token, latent) pair's activation per
                                                  layer, sorted by mean layer)
+POST /mlsaes/{name}/prompt/layer-histograms?bins=64  {"text"}: per layer, a histogram of all
+                                                 latent activations (zeros included) over
+                                                 [0, max], the original's equal-width bins
 """
 
 from __future__ import annotations
@@ -379,7 +382,7 @@ def _mlsae_routes(app: FastAPI, call, mlsae, runner) -> None:
         r = runner(name)
         ids = r.ids(body.text)
         clean, steered = r.steer(ids, body.latent, body.layer, body.factor)
-        delta = steered.log_softmax(-1) - clean.log_softmax(-1)
+        delta = steered - clean  # the original's logit change
 
         def pairs(values: torch.Tensor, ids_: torch.Tensor) -> list[list]:
             return [[str(r.tokenizer.decode([int(t)])), float(v)]
@@ -417,6 +420,19 @@ def _mlsae_prompt_routes(app: FastAPI, mlsae, runner) -> None:
         return {"tokens": r.tokens(ids), "layer": body.layer, "kl": kl.tolist(),
                 "positions": [{"clean": top(clean[p]), "spliced": top(spliced[p])}
                               for p in range(clean.shape[0])]}
+
+    @app.post("/api/mlsaes/{name}/prompt/layer-histograms")
+    def layer_histograms(name: str, body: Text, bins: int = Query(64, ge=1, le=1024)) -> dict:
+        from saeflow.mlsae.prompt import layer_residuals, prompt_latents
+
+        s = mlsae(name)
+        r = runner(name)
+        latents = prompt_latents(r.sae, layer_residuals(r.model, r.ids(body.text), r.sae.layers))
+        top = float(latents.max())
+        edges = torch.linspace(0, top, bins + 1).tolist()
+        counts = [torch.histc(layer, bins=bins, min=0, max=top).long().tolist()
+                  for layer in latents]
+        return {"layers": s["layers"], "edges": edges, "counts": counts}
 
     @app.post("/api/mlsaes/{name}/prompt/heatmap")
     def heatmap(name: str, body: Text) -> dict:
