@@ -4,10 +4,12 @@ computation done here (a tiny random Llama with the packaged SmolLM2 tokenizer, 
 
 from __future__ import annotations
 
+import shutil
 import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -178,6 +180,20 @@ def test_layer_histograms_count_every_latent(server: httpx.Client, built: dict) 
         assert sum(counts) == dense[li].numel()  # zeros included, as the original
         ref = np.histogram(dense[li].numpy(), bins=8, range=(0, res["edges"][-1]))[0]
         assert np.abs(np.array(counts) - ref).sum() <= 2  # edge rounding of float32 histc
+
+
+def test_the_mlsae_page_is_served_and_its_script_parses(server: httpx.Client) -> None:
+    page = httpx.get(str(server.base_url).removesuffix("/api/") + "/mlsae", timeout=30)
+    assert page.status_code == 200 and "/static/mlsae.js" in page.text
+    script = httpx.get(str(server.base_url).removesuffix("/api/") + "/static/mlsae.js",
+                       timeout=30).text
+    for path in ("/prompt/latent-activations", "/prompt/logits-steer", "/prompt/logits-recon",
+                 "/examples"):
+        assert path in script
+    node = shutil.which("node")
+    if node:  # a syntax check; the page's behaviour is not exercised without a browser
+        js = Path(__file__).resolve().parents[2] / "src/saeflow/viewer/static/mlsae.js"
+        subprocess.run([node, "--check", str(js)], check=True, timeout=60)
 
 
 @pytest.mark.parametrize(("path", "body", "code", "words"), [

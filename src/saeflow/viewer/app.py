@@ -16,7 +16,7 @@ PUT  /dictionaries/{name}/features/{index}/interpretation  {"text", "score"}
 GET  /bookmarks; POST, DELETE /dictionaries/{name}/features/{index}/bookmark
 
 Multi-layer SAEs (the original mlsae app's views; their examples and paths come from the
-``mlsaes`` and ``layer_examples`` tables that ``saeflow.mlsae.examples`` loads):
+``mlsaes`` and ``layer_examples`` tables that ``saeflow.mlsae.examples`` loads; page ``/mlsae``):
 
 GET  /mlsaes                                     loaded MLSAEs (layers, d_sae, paths)
 GET  /mlsaes/{name}/features/{index}/examples?layer=   max-activating examples per layer
@@ -243,6 +243,10 @@ def create_app(db: str, root: str | None = None) -> FastAPI:
     @app.get("/", include_in_schema=False)
     def index() -> FileResponse:
         return FileResponse(STATIC / "index.html")
+
+    @app.get("/mlsae", include_in_schema=False)
+    def mlsae_page() -> FileResponse:
+        return FileResponse(STATIC / "mlsae.html")
 
     app.state.store = store
     return app
