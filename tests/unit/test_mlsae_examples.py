@@ -126,7 +126,9 @@ def test_layer_examples_round_trip_and_replace(db) -> None:
     try:
         rows = [_row(1, 2, 1, 0.5), _row(1, 0, 0, 2.0), _row(1, 2, 0, 0.9), _row(3, 0, 0, 1.0)]
         assert s.load_layer_examples("m", rows, {"sae_id": "m", "layers": [0, 2]}) == 4
-        assert s.mlsae("m")["summary"]["layers"] == [0, 2] and s.mlsae("nope") is None
+        loaded = s.mlsae("m")
+        assert loaded is not None and loaded["summary"]["layers"] == [0, 2]
+        assert s.mlsae("nope") is None
         assert s.load_layer_examples("other", [_row(1, 2, 0, 9.0)]) == 1
         got = s.layer_examples("m", 1)
         assert [(r["layer"], r["rank"], r["act"]) for r in got] == [(0, 0, 2.0), (2, 0, 0.9),
