@@ -20,6 +20,7 @@ from saeflow.mlsae.math import (
     summarise_dists,
     variance_terms,
 )
+from saeflow.mlsae.similarity import max_cosine, pair_histogram
 from saeflow.topk import TopKCodes, TopKParams
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -154,6 +155,14 @@ def test_mmcs_against_float64_reference(chunk: int) -> None:
     assert value == pytest.approx(float(cos.max(dim=1).values.mean()), abs=1e-6)
     torch.testing.assert_close(per_row.double(), cos.max(dim=1).values, atol=1e-6, rtol=0)
     assert mmcs(a, a, chunk)[0] == pytest.approx(1.0, abs=1e-6)
+    # without the diagonal: the float64 max over the other rows, and the row attaining it
+    self_cos = (a64 @ a64.T) / a64.norm(dim=1, keepdim=True) / a64.norm(dim=1)
+    self_cos.fill_diagonal_(-2.0)
+    best = max_cosine(a, a, chunk, exclude_self=True)
+    torch.testing.assert_close(best.values.double(), self_cos.max(dim=1).values, atol=1e-6,
+                               rtol=0)
+    assert torch.equal(best.indices, self_cos.argmax(dim=1))
+    assert torch.equal(max_cosine(a, b, chunk).indices, cos.argmax(dim=1))
 
 
 def test_adjacent_cosine_against_loops() -> None:
@@ -164,3 +173,20 @@ def test_adjacent_cosine_against_loops() -> None:
         b = x[layer + 1] - x[layer + 1].mean(0)
         ref = sum(float(a[t] @ b[t] / a[t].norm() / b[t].norm()) for t in range(40)) / 40
         assert float(got[layer]) == pytest.approx(ref, abs=1e-12)
+
+
+def test_pair_histogram_against_numpy() -> None:
+    import numpy as np
+
+    gen = torch.Generator().manual_seed(3)
+    w = torch.randn(37, 64, generator=gen)
+    mean = torch.rand(37, generator=gen) * 6
+    got = pair_histogram(w, mean, bins=(8, 16), x_range=(0.0, 5.0), y_range=(-0.25, 0.25),
+                         chunk=5)
+    w64 = w.double() / w.double().norm(dim=1, keepdim=True)
+    i, j = np.triu_indices(37, k=1)
+    xs = np.abs(mean.double().numpy()[i] - mean.double().numpy()[j])
+    ys = (w64 @ w64.T).numpy()[i, j]
+    ref, _, _ = np.histogram2d(xs, ys, bins=[8, 16], range=[(0, 5), (-0.25, 0.25)])
+    assert np.array_equal(got.numpy(), ref)
+    assert 0 < got.sum() < len(xs)  # some pairs fall outside the ranges

@@ -21,13 +21,17 @@ OVERLAY = REPO / "config/paper/mlsae.yaml"
 SCHEMA = str(REPO / "workflow/schemas/config.schema.yaml")
 
 # 3 expansion factors x 3 k trained, the 9 released tim-lawson MLSAEs imported, all 18
-# evaluated; every layer of the train and eval corpora cached once each.
+# evaluated; every layer of the train and eval corpora cached once each; one single-layer
+# baseline (x64-k32 at layer 4, as the released one) trained, evaluated and compared.
 EXPECTED_JOBS = {
     "tokenize": 2,
     "cache_mlsae_activations": 2,
-    "train_mlsae": 9,
+    "train_mlsae": 10,
     "import_mlsae": 9,
     "evaluate_mlsae": 18,
+    "evaluate_mlsae_baseline": 1,
+    "mlsae_vs_single_layer": 1,
+    "mlsae_similarities": 1,
     "mlsae_tables": 1,
 }
 

@@ -10,10 +10,24 @@ MLSAE_SITES = mlsae_config.sites(config) if MLSAES else []
 MLSAE_LAYERS = mlsae_config.layers(config) if MLSAES else []
 MLSAE_TRAINED = sorted(i for i, s in MLSAES.items() if s["kind"] == "trained")
 MLSAE_PRETRAINED = sorted(i for i, s in MLSAES.items() if s["kind"] == "pretrained")
+MLSAE_BASELINES = mlsae_config.baselines(config)
+MLSAE_BASELINE_IDS = sorted(MLSAE_BASELINES)
+MLSAE_EXAMPLES = mlsae_config.example_mlsaes(config)
 
 
-def mlsae_acts(corpus):
-    return [f"mlsae/acts/{MLSAE['model']}/{corpus}/{s}.h5" for s in MLSAE_SITES]
+# the figures of plot_mlsae_summary (saeflow.figures.mlsae summary), each beside its CSV
+MLSAE_SUMMARY_FIGURES = ["mmcs", "resid_cos_sim", "embed_cos_sim", "layer_std", "sweep"]
+
+def mlsae_entry(sae_id):
+    """The sweep entry of an MLSAE or of a single-layer baseline."""
+    return MLSAES[sae_id] if sae_id in MLSAES else MLSAE_BASELINES[sae_id]
+
+
+def mlsae_id_layers(sae_id):
+    """The layers an MLSAE (all of the section's) or a baseline (its one) reads."""
+    if sae_id in MLSAE_BASELINES:
+        return [MLSAE_BASELINES[sae_id]["layer"]]
+    return MLSAE_LAYERS
 
 
 def mlsae_cache_args(wildcards, output):
@@ -32,17 +46,24 @@ def mlsae_model_mem_mb(wildcards):
     return config["models"][MLSAE["model"]]["mem_mb"]
 
 
+def mlsae_id_acts(sae_id, corpus):
+    return [
+        f"mlsae/acts/{MLSAE['model']}/{corpus}/blocks.{layer}.hook_resid_post.h5"
+        for layer in mlsae_id_layers(sae_id)
+    ]
+
+
 def mlsae_train_acts(wildcards):
-    return mlsae_acts(MLSAE["corpus"])
+    return mlsae_id_acts(wildcards.mlsae_id, MLSAE["corpus"])
 
 
 def mlsae_eval_acts(wildcards):
-    return mlsae_acts(MLSAE["eval_corpus"])
+    return mlsae_id_acts(wildcards.mlsae_id, MLSAE["eval_corpus"])
 
 
 def mlsae_train_args(wildcards):
     """Every training knob of one MLSAE as flags (a change reruns exactly it)."""
-    sae = MLSAES[wildcards.mlsae_id]
+    sae = mlsae_entry(wildcards.mlsae_id)
     flags = [
         f"--expansion-factor {sae['expansion_factor']} --k {sae['k']}",
         f"--tokens {MLSAE['tokens']} --batch-size {MLSAE['batch_size']}",
@@ -59,7 +80,7 @@ def mlsae_train_args(wildcards):
 
 
 def mlsae_layer_args(wildcards):
-    return " ".join(str(layer) for layer in MLSAE_LAYERS)
+    return " ".join(str(layer) for layer in mlsae_id_layers(wildcards.mlsae_id))
 
 
 def mlsae_targets():
@@ -68,6 +89,10 @@ def mlsae_targets():
         return []
     return [
         "tables/mlsae_metrics.csv",
+        *(["tables/mlsae_vs_single_layer.csv"] if MLSAE_BASELINES else []),
+        *[f"plots/mlsae/{name}.pdf" for name in MLSAE_SUMMARY_FIGURES],
+        *[f"plots/mlsae/prompt_heatmap_{i}.pdf" for i in sorted(MLSAES)],
+        *[f"mlsae/analysis/{i}/examples_loaded.json" for i in MLSAE_EXAMPLES],
         "plots/mlsae/fvu_layers.pdf",
         *[f"plots/mlsae/dists_heatmap_{i}.pdf" for i in sorted(MLSAES)],
     ]
@@ -82,3 +107,27 @@ def mlsae_import_args(wildcards):
 
 def mlsae_eval_files(kind):
     return [f"mlsae/eval/{i}/{kind}" for i in sorted(MLSAES)]
+
+
+def mlsae_baseline_files(kind):
+    return [f"mlsae/eval/{i}/{kind}" for i in MLSAE_BASELINE_IDS]
+
+
+def mlsae_compared_files(kind):
+    """The evaluation files of the MLSAEs that have baselines."""
+    compared = sorted({b["mlsae_id"] for b in MLSAE_BASELINES.values()})
+    return [f"mlsae/eval/{i}/{kind}" for i in compared]
+
+
+def mlsae_baseline_pairs(wildcards):
+    """--pair BASELINE=MLSAE for every baseline (the MLSAE it is compared with)."""
+    return " ".join(f"--pair {i}={MLSAE_BASELINES[i]['mlsae_id']}" for i in MLSAE_BASELINE_IDS)
+
+
+def mlsae_sae_files(name):
+    """A file of every MLSAE and baseline folder (the similarity analyses read them all)."""
+    return [f"mlsae/saes/{i}/{name}" for i in sorted(MLSAES) + MLSAE_BASELINE_IDS]
+
+
+def mlsae_similarity_args(wildcards):
+    return " ".join(f"{i}=mlsae/saes/{i}" for i in sorted(MLSAES) + MLSAE_BASELINE_IDS)

@@ -13,6 +13,12 @@ feature's analysis is one JSON document, JSONB on PostgreSQL):
 ``features(sae, idx, freq, max, doc)``                  primary key (sae, idx)
 ``interpretations(sae, idx, source, text, score, updated)``   source 'autointerp' or 'user'
 ``bookmarks(sae, idx, note, created)``
+``layer_examples(sae, idx, layer, rank, act, token_id, token, token_ids, tokens, acts)``
+    primary key (sae, idx, layer, rank): max-activating examples per (latent, layer) of a
+    multi-layer SAE (:mod:`saeflow.mlsae.examples`), the original mlsae ``examples`` table with
+    ``sae`` added; replaced per SAE in one transaction by :meth:`FeatureStore.load_layer_examples`
+    together with its row of ``mlsaes(name, summary, loaded_at)`` (layers, d_sae, model and
+    MLSAE paths, for the viewer's prompt views)
 
 A load replaces the SAE's ``saes`` row, its ``features`` and its auto-interp interpretations in
 one transaction, so readers see the old version until the commit and a killed load leaves it
@@ -49,7 +55,17 @@ CREATE TABLE IF NOT EXISTS interpretations (sae TEXT NOT NULL, idx INTEGER NOT N
     PRIMARY KEY (sae, idx, source));
 CREATE TABLE IF NOT EXISTS bookmarks (sae TEXT NOT NULL, idx INTEGER NOT NULL, note TEXT,
     created TEXT NOT NULL, PRIMARY KEY (sae, idx));
+CREATE TABLE IF NOT EXISTS layer_examples (sae TEXT NOT NULL, idx INTEGER NOT NULL,
+    layer INTEGER NOT NULL, rank INTEGER NOT NULL, act DOUBLE PRECISION NOT NULL,
+    token_id INTEGER NOT NULL, token TEXT NOT NULL, token_ids {json} NOT NULL,
+    tokens {json} NOT NULL, acts {json} NOT NULL, PRIMARY KEY (sae, idx, layer, rank));
+CREATE TABLE IF NOT EXISTS mlsaes (name TEXT PRIMARY KEY, summary {json} NOT NULL,
+    loaded_at TEXT NOT NULL);
 """
+
+LAYER_EXAMPLE_COLUMNS = ("idx", "layer", "rank", "act", "token_id", "token", "token_ids",
+                         "tokens", "acts")
+"""Columns of ``layer_examples`` after ``sae``; the last three are JSON lists."""
 
 
 def _now() -> str:
@@ -126,6 +142,58 @@ class FeatureStore:
             self.conn.rollback()
             raise
         return n
+
+    def load_layer_examples(self, sae: str, rows: Iterable[dict], summary: dict | None = None,
+                            batch_rows: int = 2000) -> int:
+        """Replace one SAE's per-(latent, layer) examples (and its ``mlsaes`` row, when
+        ``summary`` is given) in one transaction; return the number of examples."""
+        n = 0
+        self._begin()
+        try:
+            cur = self.conn.cursor()
+            cur.execute(self._sql("DELETE FROM layer_examples WHERE sae = ?"), (sae,))
+            if summary is not None:
+                cur.execute(self._sql("DELETE FROM mlsaes WHERE name = ?"), (sae,))
+                cur.execute(self._sql("INSERT INTO mlsaes (name, summary, loaded_at)"
+                                      " VALUES (?, ?, ?)"), (sae, json.dumps(summary), _now()))
+            insert = self._sql(f"INSERT INTO layer_examples (sae, {', '.join(LAYER_EXAMPLE_COLUMNS)})"
+                               f" VALUES (?{', ?' * len(LAYER_EXAMPLE_COLUMNS)})")
+            for batch in _batches(rows, batch_rows):
+                cur.executemany(insert, [
+                    (sae, int(r["idx"]), int(r["layer"]), int(r["rank"]), float(r["act"]),
+                     int(r["token_id"]), r["token"], json.dumps(r["token_ids"]),
+                     json.dumps(r["tokens"], ensure_ascii=False), json.dumps(r["acts"]))
+                    for r in batch])
+                n += len(batch)
+            self.conn.commit()
+        except BaseException:
+            self.conn.rollback()
+            raise
+        return n
+
+    def mlsaes(self) -> list[dict]:
+        rows = self._rows("SELECT name, summary, loaded_at FROM mlsaes ORDER BY name")
+        return [{"name": r[0], "summary": _json(r[1]), "loaded_at": r[2]} for r in rows]
+
+    def mlsae(self, name: str) -> dict | None:
+        return next((s for s in self.mlsaes() if s["name"] == name), None)
+
+    def layer_examples(self, sae: str, idx: int, layer: int | None = None) -> list[dict]:
+        """A latent's examples, by layer then rank (one layer if ``layer`` is given)."""
+        query = (f"SELECT {', '.join(LAYER_EXAMPLE_COLUMNS)} FROM layer_examples"
+                 " WHERE sae = ? AND idx = ?")
+        params: list[Any] = [sae, idx]
+        if layer is not None:
+            query += " AND layer = ?"
+            params.append(layer)
+        rows = self._rows(query + " ORDER BY layer, rank", params)
+        out = []
+        for r in rows:
+            row = dict(zip(LAYER_EXAMPLE_COLUMNS, r, strict=True))
+            for key in ("token_ids", "tokens", "acts"):
+                row[key] = _json(row[key])
+            out.append(row)
+        return out
 
     # -- reading -----------------------------------------------------------------------------
     def saes(self) -> list[dict]:

@@ -2,7 +2,9 @@
 
 ``mlsae.expansion_factors`` x ``mlsae.k`` expands to ids ``mlsae-x{R}-k{k}``; every MLSAE reads
 ``hook_resid_post`` of layers ``first_layer..last_layer`` of ``mlsae.model`` (all layers when
-``last_layer`` is null).
+``last_layer`` is null). ``mlsae.baseline_layers`` adds single-layer baselines ``sae-x{R}-k{k}-layer{l}``:
+the same trainer on layer ``l`` alone, at the width and k of each MLSAE named in
+``mlsae.baseline_mlsaes`` (null: every trained one), on the same tokens.
 """
 
 from __future__ import annotations
@@ -76,3 +78,47 @@ def mlsae_table(config: dict) -> dict[str, dict[str, Any]]:
         table[sae_id] = {"kind": "pretrained", **entry}
     return table
 
+
+
+def example_mlsaes(config: dict) -> list[str]:
+    """The MLSAE ids whose examples per (latent, layer) go into the feature database."""
+    if not enabled(config):
+        return []
+    table = mlsae_table(config)
+    chosen = config["mlsae"].get("example_mlsaes") or []
+    for sae_id in chosen:
+        if sae_id not in table:
+            raise MLSAEConfigError(f"mlsae.example_mlsaes: '{sae_id}' is not an MLSAE of the "
+                                   f"section (expected one of {sorted(table)})")
+    return sorted(set(chosen))
+
+
+def baselines(config: dict) -> dict[str, dict[str, Any]]:
+    """Every single-layer baseline by id: the MLSAE it is compared with, its layer, R and k."""
+    if not enabled(config):
+        return {}
+    section = config["mlsae"]
+    layer_list = section.get("baseline_layers") or []
+    if not layer_list:
+        return {}
+    table = mlsae_table(config)
+    trained = sorted(i for i, s in table.items() if s["kind"] == "trained")
+    chosen = section.get("baseline_mlsaes")
+    chosen = trained if chosen is None else chosen
+    for sae_id in chosen:
+        if sae_id not in trained:
+            raise MLSAEConfigError(f"mlsae.baseline_mlsaes: '{sae_id}' is not a trained MLSAE "
+                                   f"of the sweep (expected one of {trained})")
+    read = layers(config)
+    for layer in layer_list:
+        if layer not in read:
+            raise MLSAEConfigError(f"mlsae.baseline_layers: layer {layer} is not read by the "
+                                   f"MLSAEs (layers {read[0]}..{read[-1]})")
+    out: dict[str, dict[str, Any]] = {}
+    for sae_id in chosen:
+        sae = table[sae_id]
+        for layer in sorted(set(layer_list)):
+            out[f"sae-x{sae['expansion_factor']}-k{sae['k']}-layer{layer}"] = {
+                "mlsae_id": sae_id, "layer": layer,
+                "expansion_factor": sae["expansion_factor"], "k": sae["k"]}
+    return out
