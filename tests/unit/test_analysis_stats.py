@@ -137,3 +137,19 @@ def test_logits_and_neighbours_match_float64():
     assert near.ids[5, 0] == 13 and near.ids[13, 0] == 5
     assert near.cos[5, 0] == pytest.approx(1.0, abs=1e-5)
     assert (near.ids != torch.arange(20)[:, None]).all()
+
+
+def test_round_sig_matches_python_formatting():
+    """The documents' vectorised rounding gives float(f"{v:.5g}"), zeros and non-finite kept."""
+    from saeflow.analysis.analyze import round_sig
+
+    rng = np.random.default_rng(0)
+    values = rng.standard_normal(10_000) * 10.0 ** rng.integers(-6, 6, 10_000)
+    expected = np.array([float(f"{v:.5g}") for v in values])
+    got = round_sig(values)
+    # exact but for decimal ties, where the two roundings may differ in the last digit
+    assert (got == expected).mean() > 0.999
+    np.testing.assert_allclose(got, expected, rtol=1e-4)
+    special = round_sig(np.array([0.0, -0.0, np.inf, -np.inf, 123456.0, -0.000123456]))
+    assert special[:4].tolist() == [0.0, 0.0, np.inf, -np.inf]
+    assert special[4:].tolist() == [123460.0, -0.00012346]
