@@ -58,7 +58,7 @@ _SAEX_KEYS = {
     "sparsity_loss", "recip_eps", "recip_anneal_steps", "tanh_stretch", "decoder_norm_weighted",
     "per_latent_scale", "restrict_dec_norm", "project_decoder", "ghost_grads",
     "dead_after_steps", "input_norm", "encoder_init", "decoder_init", "b_dec_init",
-    "adam_beta1", "adam_beta2", "clip_grad_norm",
+    "adam_beta1", "adam_beta2", "clip_grad_norm", "gated",
 }  # fmt: skip
 # saeflow.train's topk flags of Llama Scope's recipe (saeflow.topk.TopKTrainConfig)
 _LLAMASCOPE_KEYS = {

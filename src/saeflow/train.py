@@ -55,6 +55,7 @@ SAEX_OPTIONS: dict[str, Any] = {
     "encoder_init": ("kaiming", "orthogonal"),
     "decoder_init": ("tied", "orthogonal", "pseudoinverse"),
     "b_dec_init": ("zeros", "mean", "geom_median"),
+    "gated": bool,
     "adam_beta1": float,
     "adam_beta2": float,
     "clip_grad_norm": float,
