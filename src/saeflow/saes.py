@@ -58,11 +58,17 @@ _SAEX_KEYS = {
     "sparsity_loss", "recip_eps", "recip_anneal_steps", "tanh_stretch", "decoder_norm_weighted",
     "per_latent_scale", "restrict_dec_norm", "project_decoder", "ghost_grads",
     "dead_after_steps", "input_norm", "encoder_init", "decoder_init", "b_dec_init",
+    "adam_beta1", "adam_beta2", "clip_grad_norm", "gated",
+}  # fmt: skip
+# saeflow.train's topk flags of Llama Scope's recipe (saeflow.topk.TopKTrainConfig)
+_LLAMASCOPE_KEYS = {
+    "decoder_norm_topk", "decoder_init_norm", "activation_norm", "initial_k", "k_warmup_steps",
+    "k_schedule", "k_exponential_factor", "lr_cooldown_steps", "lr_end_ratio", "save_as",
     "adam_beta1", "adam_beta2", "clip_grad_norm",
 }  # fmt: skip
 _ARCH_KEYS: dict[str, set[str]] = {
     "saex": _SAEX_KEYS,
-    "topk": {"auxk_coef", "k_aux", "dead_tokens_threshold"},
+    "topk": {"auxk_coef", "k_aux", "dead_tokens_threshold"} | _LLAMASCOPE_KEYS,
     "batchtopk": _SAE_LENS_KEYS | {"aux_loss_coefficient", "topk_threshold_lr"},
     "standard": _SAE_LENS_KEYS | {"l1_warm_up_steps"},
     "gated": _SAE_LENS_KEYS | {"l1_warm_up_steps"},

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import Tensor
 from tqdm.auto import tqdm
@@ -38,7 +39,9 @@ from saeflow.h5io import atomic_path
 from saeflow.topk import geometric_median
 
 CHECKPOINT_FILE = "saex_checkpoint.pt"
-LOG_COLUMNS = ("step", "tokens", "loss", "fvu", "sparsity", "ghost", "l0", "dead_fraction", "lr")
+LOG_COLUMNS = (
+    "step", "tokens", "loss", "fvu", "sparsity", "ghost", "gated_aux", "l0", "dead_fraction", "lr"
+)  # fmt: skip
 
 
 @dataclass
@@ -97,6 +100,10 @@ class SaexTrainConfig:
     """tied (W_dec = normalised W_enc.T) | orthogonal | pseudoinverse (saex decoder_init_method)."""
     b_dec_init: str = "geom_median"
     """zeros | mean | geom_median of the first batch (saex decoder_bias_init_method)."""
+    gated: bool = False
+    """saex's gated SAE (saex ``is_gated``, :func:`saeflow.techniques.gated_forward`): the
+    sparsity penalty goes on ``relu(gate_pre)``, plus the auxiliary gated reconstruction loss
+    with the decoder under stop-gradient; saved as a SAELens ``gated`` SAE (exactly folded)."""
     checkpoint_every_steps: int = 1000
     """Steps between resumable checkpoints."""
     log_every_steps: int = 50
@@ -142,7 +149,8 @@ class SaexTrainConfig:
 
 # ====================================================================== init and loss
 def init_params(cfg: SaexTrainConfig, first: Tensor) -> list[Tensor]:
-    """[W_enc (d, m), b_enc, s, W_dec (m, d), b_dec] as leaves requiring grad."""
+    """[W_enc (d, m), b_enc, s, W_dec (m, d), b_dec] (+ [s_gate, b_gate] when gated) as
+    leaves requiring grad."""
     gen = torch.Generator().manual_seed(cfg.seed)
     d, m = cfg.d_in, cfg.d_sae
     if cfg.encoder_init == "orthogonal":
@@ -160,6 +168,8 @@ def init_params(cfg: SaexTrainConfig, first: Tensor) -> list[Tensor]:
     if b_dec is None:
         b_dec = geometric_median(x).float()
     leaves = [W_enc, torch.zeros(m), torch.ones(m), W_dec.contiguous(), b_dec]
+    if cfg.gated:  # s_gate with softplus(s_gate) = 1, b_gate = 0
+        leaves += [torch.full((m,), math.log(math.e - 1)), torch.zeros(m)]
     return [t.float().to(cfg.device).requires_grad_(True) for t in leaves]
 
 
@@ -172,21 +182,29 @@ def sparsity_eps(cfg: SaexTrainConfig, step: int) -> float:
 def loss_terms(
     leaves: list[Tensor], x: Tensor, cfg: SaexTrainConfig, step: int, dead: Tensor
 ) -> dict[str, Tensor]:
-    """The batch's fvu, sparsity, ghost and total loss, and its codes."""
-    p = T.ReluParams(*leaves)
-    out = T.relu_forward(p, x)
+    """The batch's fvu, sparsity, ghost, gated-aux and total loss, and its codes."""
+    p = T.ReluParams(*leaves[:5])
     variance = (x - x.mean(0)).square().sum(-1).mean().clamp_min(1e-12)
-    fvu = (out.x_hat - x).square().sum(-1).mean() / variance
+    aux = x.new_zeros(())
+    if cfg.gated:
+        g = T.gated_forward(p, leaves[5], leaves[6], x)
+        pre, z, x_hat, penalised = g.pre, g.z, g.x_hat, F.relu(g.gate_pre)
+        aux = T.gated_aux_loss(g.gate_pre, p.W_dec, p.b_dec, x).mean() / variance
+    else:
+        out = T.relu_forward(p, x)
+        pre, z, x_hat, penalised = out.pre, out.z, out.x_hat, out.z
+    fvu = (x_hat - x).square().sum(-1).mean() / variance
     norms = p.W_dec.norm(dim=1) if cfg.decoder_norm_weighted else None
     penalty = T.sparsity_penalty(
-        out.z, cfg.sparsity_loss, eps=sparsity_eps(cfg, step), stretch=cfg.tanh_stretch,
+        penalised, cfg.sparsity_loss, eps=sparsity_eps(cfg, step), stretch=cfg.tanh_stretch,
         decoder_norms=norms,
     ).mean()  # fmt: skip
     ghost = x.new_zeros(())
     if cfg.ghost_grads:
-        ghost = T.dm_ghost_loss(x, out.x_hat, out.pre, p.s, p.W_dec, dead) / variance
-    loss = fvu + cfg.sparsity_coefficient * penalty + ghost
-    return {"loss": loss, "fvu": fvu, "sparsity": penalty, "ghost": ghost, "z": out.z}
+        ghost = T.dm_ghost_loss(x, x_hat, pre, p.s, p.W_dec, dead) / variance
+    loss = fvu + cfg.sparsity_coefficient * penalty + ghost + aux
+    return {"loss": loss, "fvu": fvu, "sparsity": penalty, "ghost": ghost, "gated_aux": aux,
+            "z": z}  # fmt: skip
 
 
 # ====================================================================== state and step
@@ -234,7 +252,7 @@ def train_step(state: SaexState, x: Tensor, cfg: SaexTrainConfig) -> dict[str, f
     terms = loss_terms(state.leaves, x, cfg, state.step, dead)
     state.optimizer.zero_grad(set_to_none=False)
     terms["loss"].backward()
-    _, _, s, W_dec, _ = state.leaves
+    s, W_dec = state.leaves[2], state.leaves[3]
     assert s.grad is not None and W_dec.grad is not None
     with torch.no_grad():
         if not cfg.per_latent_scale:
@@ -263,13 +281,24 @@ def train_step(state: SaexState, x: Tensor, cfg: SaexTrainConfig) -> dict[str, f
 
 # ====================================================================== files
 def inference_weights(state: SaexState, cfg: SaexTrainConfig) -> dict[str, Tensor]:
-    """SAELens standard weights encoding exactly as the trained model (see module docstring)."""
-    W_enc, b_enc, s, W_dec, b_dec = (t.detach().double().cpu() for t in state.leaves)
-    W_enc, b_enc = W_enc * s, b_enc * s
-    if cfg.input_norm == "wes-mean":
-        c = state.norm_sum / max(state.step, 1)
-        W_enc, W_dec, b_dec = W_enc * c, W_dec / c, b_dec / c
-    raw = {"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec}
+    """SAELens standard (gated: SAELens gated) weights encoding exactly as the trained model.
+
+    Gated: SAELens's gate is ``xc W + b_gate``, its magnitude ``relu(xc W exp(r_mag) + b_mag)``;
+    with ``g = softplus(s_gate) s``: ``W = W_enc g``, ``r_mag = -log softplus(s_gate)`` (so
+    ``W exp(r_mag) = W_enc s``), ``b_mag = b_enc s`` (see the module docstring for the rest)."""
+    leaves = [t.detach().double().cpu() for t in state.leaves]
+    W_enc, b_enc, s, W_dec, b_dec = leaves[:5]
+    c = state.norm_sum / max(state.step, 1) if cfg.input_norm == "wes-mean" else 1.0
+    W_dec, b_dec = W_dec / c, b_dec / c
+    if cfg.gated:
+        s_gate, b_gate = leaves[5:]
+        soft = torch.nn.functional.softplus(s_gate)
+        raw = {
+            "W_enc": W_enc * (soft * s) * c, "b_gate": b_gate, "r_mag": -torch.log(soft),
+            "b_mag": b_enc * s, "W_dec": W_dec, "b_dec": b_dec,
+        }  # fmt: skip
+    else:
+        raw = {"W_enc": W_enc * s * c, "b_enc": b_enc * s, "W_dec": W_dec, "b_dec": b_dec}
     return {key: v.float().contiguous() for key, v in raw.items()}
 
 
@@ -284,7 +313,7 @@ def sae_lens_cfg(cfg: SaexTrainConfig, stats: dict[str, Any]) -> dict[str, Any]:
         "saeflow_train_stats": stats,
     }  # fmt: skip
     return {
-        "architecture": "standard", "d_in": cfg.d_in, "d_sae": cfg.d_sae, "dtype": "float32",
+        "architecture": "gated" if cfg.gated else "standard", "d_in": cfg.d_in, "d_sae": cfg.d_sae, "dtype": "float32",
         "device": "cpu", "apply_b_dec_to_input": True, "normalize_activations": norm,
         "reshape_activations": "none", "metadata": meta,
     }  # fmt: skip

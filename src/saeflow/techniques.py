@@ -114,6 +114,35 @@ def relu_forward(p: ReluParams, x: Tensor) -> ReluForward:
     return ReluForward(pre, z, z @ p.W_dec + p.b_dec)
 
 
+class GatedForward(NamedTuple):
+    pre: Tensor
+    """(B, m) magnitude pre-activations ``(x - b_dec) W_enc + b_enc``."""
+    gate_pre: Tensor
+    """(B, m) gate pre-activations ``((x - b_dec) W_enc) * softplus(s_gate) * s + b_gate``."""
+    z: Tensor
+    """(B, m) codes ``1[gate_pre > 0] * relu(pre) * s``."""
+    x_hat: Tensor
+    """(B, d) reconstruction."""
+
+
+def gated_forward(p: ReluParams, s_gate: Tensor, b_gate: Tensor, x: Tensor) -> GatedForward:
+    """saex's gated SAE (``is_gated``): the gate shares ``W_enc``, rescaled per latent by
+    ``softplus(s_gate) * s`` (SAELens's GatedSAE instead rescales the magnitude path by
+    ``exp(r_mag)``); the magnitude path is the ReLU SAE's ``relu(pre) * s``."""
+    xw = (x - p.b_dec) @ p.W_enc
+    pre = xw + p.b_enc
+    gate_pre = xw * (F.softplus(s_gate) * p.s) + b_gate
+    z = (gate_pre > 0).to(x.dtype) * F.relu(pre) * p.s
+    return GatedForward(pre, gate_pre, z, z @ p.W_dec + p.b_dec)
+
+
+def gated_aux_loss(gate_pre: Tensor, W_dec: Tensor, b_dec: Tensor, x: Tensor) -> Tensor:
+    """saex's auxiliary gated reconstruction loss (per token, (B,)): decode ``relu(gate_pre)``
+    with the decoder under stop-gradient, so that the gate learns to reconstruct."""
+    x_aux = F.relu(gate_pre) @ W_dec.detach() + b_dec.detach()
+    return (x_aux - x).square().sum(-1)
+
+
 def dm_ghost_loss(
     x: Tensor, x_hat: Tensor, pre: Tensor, s: Tensor, W_dec: Tensor, dead: Tensor, eps: float = 1e-3
 ) -> Tensor:

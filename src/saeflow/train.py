@@ -55,9 +55,23 @@ SAEX_OPTIONS: dict[str, Any] = {
     "encoder_init": ("kaiming", "orthogonal"),
     "decoder_init": ("tied", "orthogonal", "pseudoinverse"),
     "b_dec_init": ("zeros", "mean", "geom_median"),
+    "gated": bool,
     "adam_beta1": float,
     "adam_beta2": float,
     "clip_grad_norm": float,
+}
+# Llama Scope's recipe (saeflow.topk.TopKTrainConfig fields; each documents its source).
+LLAMASCOPE_OPTIONS: dict[str, Any] = {
+    "decoder_norm_topk": bool,
+    "decoder_init_norm": float,
+    "activation_norm": ("none", "dataset_wise"),
+    "initial_k": int,
+    "k_warmup_steps": int,
+    "k_schedule": ("linear", "exponential"),
+    "k_exponential_factor": float,
+    "lr_cooldown_steps": int,
+    "lr_end_ratio": float,
+    "save_as": ("topk", "jumprelu"),
 }
 # Optional arguments that apply only to some architectures (dest -> architectures).
 ONLY_FOR: dict[str, tuple[str, ...]] = {
@@ -77,6 +91,8 @@ ONLY_FOR: dict[str, tuple[str, ...]] = {
     "pre_act_loss_coefficient": ("jumprelu",),
     "sparsity_coefficient": ("saex",),
     **{name: ("saex",) for name in SAEX_OPTIONS},
+    **{name: ("topk",) for name in LLAMASCOPE_OPTIONS},
+    **{name: ("saex", "topk") for name in ("adam_beta1", "adam_beta2", "clip_grad_norm")},
     "lr_decay_steps": SAE_LENS,
     "normalize_activations": SAE_LENS,
     "dead_feature_window": SAE_LENS,
@@ -193,6 +209,12 @@ def build_parser() -> argparse.ArgumentParser:
     topk.add_argument(
         "--dead-tokens-threshold", type=_positive_int, help="tokens before a latent is dead"
     )
+    for name, kind in LLAMASCOPE_OPTIONS.items():  # Llama Scope's recipe
+        flag = f"--{name.replace('_', '-')}"
+        if isinstance(kind, tuple):
+            topk.add_argument(flag, choices=kind)
+        else:
+            topk.add_argument(flag, type=_boolean if kind is bool else kind)
     sl = p.add_argument_group("SAELens architectures (batchtopk, standard, jumprelu, gated)")
     sl.add_argument(
         "--lr-decay-steps", type=_nonnegative_int, help="linear LR decay over the last steps"
@@ -274,6 +296,10 @@ def topk_config(args: argparse.Namespace, info: dict[str, Any]) -> TopKTrainConf
             "auxk_coef",
             "k_aux",
             "dead_tokens_threshold",
+            *LLAMASCOPE_OPTIONS,
+            "adam_beta1",
+            "adam_beta2",
+            "clip_grad_norm",
             "lr_warmup_steps",
             "checkpoint_every_steps",
             "log_every_steps",

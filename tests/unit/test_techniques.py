@@ -209,6 +209,7 @@ SAEX_VARIANTS = [
     {"sparsity_loss": "tanh", "decoder_norm_weighted": True, "restrict_dec_norm": "lte",
      "input_norm": "wes-mean", "encoder_init": "orthogonal", "decoder_init": "orthogonal",
      "b_dec_init": "mean"},
+    {"gated": True, "sparsity_loss": "tanh", "input_norm": "wes-mean"},
 ]
 
 
@@ -237,9 +238,49 @@ def test_saex_resume_is_bitwise_and_sae_lens_encodes_like_the_trained_model(opti
     xn, c = T.normalize_input(x, cfg.input_norm)
     if cfg.input_norm == "wes-mean":  # the folded factor is the run's mean batch factor
         xn = x * (ck["state"]["norm_sum"] / ck["state"]["step"])
-    z = T.relu_forward(T.ReluParams(*leaves), xn).z
+    if cfg.gated:
+        z = T.gated_forward(T.ReluParams(*leaves[:5]), leaves[5], leaves[6], xn).z
+    else:
+        z = T.relu_forward(T.ReluParams(*leaves), xn).z
     sae = load_sae(tmp_path / "whole")
+    assert type(sae).__name__ == ("GatedSAE" if cfg.gated else "StandardSAE")
     with torch.no_grad():
         got = sae.encode(x)
     torch.testing.assert_close(got, z, rtol=1e-5, atol=1e-5)
     assert c.shape == (64, 1)
+
+
+def test_gated_forward_and_aux_loss_match_numpy_float64():
+    from saeflow.saex_train import loss_terms
+
+    gen = torch.Generator().manual_seed(5)
+    d, m, b = 6, 10, 40
+    p = T.ReluParams(
+        torch.randn(d, m, generator=gen, dtype=torch.float64),
+        torch.randn(m, generator=gen, dtype=torch.float64) * 0.5,
+        torch.rand(m, generator=gen, dtype=torch.float64) + 0.5,
+        torch.randn(m, d, generator=gen, dtype=torch.float64),
+        torch.randn(d, generator=gen, dtype=torch.float64) * 0.1,
+    )
+    s_gate = torch.randn(m, generator=gen, dtype=torch.float64)
+    b_gate = torch.randn(m, generator=gen, dtype=torch.float64) - 0.5
+    x = torch.randn(b, d, generator=gen, dtype=torch.float64)
+    out = T.gated_forward(p, s_gate, b_gate, x)
+    W, be, s, D, bd = (t.numpy() for t in p)
+    xw = (x.numpy() - bd) @ W
+    soft = np.log1p(np.exp(s_gate.numpy()))
+    gate = xw * soft * s + b_gate.numpy()
+    z = (gate > 0) * np.maximum(xw + be, 0) * s
+    assert 0 < (z > 0).mean() < 1 and ((gate > 0) & (xw + be <= 0)).any()
+    np.testing.assert_allclose(out.z.numpy(), z, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(out.x_hat.numpy(), z @ D + bd, rtol=1e-12, atol=1e-12)
+    aux = ((np.maximum(gate, 0) @ D + bd - x.numpy()) ** 2).sum(-1)
+    np.testing.assert_allclose(T.gated_aux_loss(out.gate_pre, p.W_dec, p.b_dec, x).numpy(), aux)
+    # the aux loss reaches the encoder and the gate only (stop-gradient on the decoder)
+    cfg = SaexTrainConfig(d_in=d, d_sae=m, total_tokens=10, sparsity_coefficient=0.0, gated=True)
+    leaves = [t.clone().requires_grad_() for t in (*p, s_gate, b_gate)]
+    terms = loss_terms(leaves, x, cfg, 0, torch.zeros(m, dtype=torch.bool))
+    terms["gated_aux"].backward()
+    assert leaves[3].grad is None  # W_dec (b_dec still enters through the input centring)
+    assert leaves[0].grad is not None and leaves[6].grad is not None
+    assert float(leaves[0].grad.norm()) > 0 and float(leaves[6].grad.norm()) > 0

@@ -307,3 +307,11 @@ def test_config_defaults_follow_the_papers() -> None:
     assert cfg.k_aux == 288 and cfg.auxk_coef == 1 / 32 and cfg.batch_size == 4096
     with pytest.raises(ValueError, match="k"):
         TopKTrainConfig(d_in=8, d_sae=4, k=5, total_tokens=10)
+
+
+def test_stable_argsort_matches_torch_stable_sort() -> None:
+    from saeflow.topk import _stable_argsort
+
+    keys = torch.randint(0, 300, (5000,), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(_stable_argsort(keys, 300), keys.argsort(stable=True))
+    assert torch.equal(_stable_argsort(keys, 2**17), keys.argsort(stable=True))  # int32 path

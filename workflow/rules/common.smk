@@ -113,6 +113,7 @@ def all_targets():
     if config.get("autointerp", {}).get("base_sae"):
         targets.append("plots/figure8.pdf")
     targets += toy_targets()  # toy.smk, included after this file: called only by rule all
+    targets += training_comparison_targets()  # workflow/rules/training_comparison_common.smk
     targets += mlsae_targets()  # workflow/rules/mlsae.smk
     targets += analysis_targets()  # workflow/rules/analysis.smk
     targets += probing_targets()  # workflow/rules/probing.smk

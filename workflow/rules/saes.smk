@@ -25,7 +25,7 @@ rule train_sae:
         args=train_args,
         site=sae_site,
         model=sae_model,
-        code=code_version("train", "topk", "sae_lens_train", "batches"),
+        code=code_version("train", "topk", "sae_lens_train", "saex_train", "techniques", "batches"),
     shell:
         "python -m saeflow.train --acts {input.acts} --out saes/{wildcards.sae_id}"
         " --checkpoint-dir checkpoints/{wildcards.sae_id} {params.args}"

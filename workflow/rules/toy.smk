@@ -50,7 +50,7 @@ rule train_toy_sae:
     params:
         args=toy_train_args,
         seed=TOY.get("seed", 0),
-        code=code_version("train", "topk", "sae_lens_train", "batches"),
+        code=code_version("train", "topk", "sae_lens_train", "saex_train", "techniques", "batches"),
     shell:
         "python -m saeflow.train --acts {input.acts} --out toy/{wildcards.toy}/saes/{wildcards.variant}"
         " --checkpoint-dir checkpoints/toy/{wildcards.toy}/{wildcards.variant} {params.args}"
