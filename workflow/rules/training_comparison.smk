@@ -27,7 +27,12 @@ rule plot_training_comparison:
     input:
         table="tables/training_comparison.csv",
     output:
-        pdf="plots/training_comparison.pdf",
+        pdf=report(
+            "plots/training_comparison.pdf",
+            caption="../report/training_comparison.rst",
+            category="Training techniques",
+            labels={"figure": "training comparison"},
+        ),
         csv="plots/training_comparison.csv",
     log:
         "logs/plot_training_comparison/training_comparison.log",
