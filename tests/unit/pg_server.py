@@ -59,3 +59,21 @@ def postgres_server(tmp: Path) -> Iterator[str]:
             except ProcessLookupError:
                 break
             time.sleep(0.1)
+
+
+@contextmanager
+def scratch_server() -> Iterator[str]:
+    """A server in a fresh directory, removed afterwards; skips the test without PostgreSQL.
+    Under /tmp, not pytest's 0700 tmp root: the server runs as user postgres."""
+    import tempfile
+
+    import pytest
+
+    if pg_bin() is None:
+        pytest.skip("PostgreSQL binaries (initdb, pg_ctl) are not installed")
+    tmp = Path(tempfile.mkdtemp(prefix="saeflow-pg-"))
+    try:
+        with postgres_server(tmp) as url:
+            yield url
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -3,15 +3,12 @@
 import gzip
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
-from pathlib import Path
 
 import pytest
-from pg_server import pg_bin, postgres_server
+from pg_server import scratch_server
 
 from saeflow.analysis import store
 
@@ -30,13 +27,8 @@ def _summary(version: int) -> dict:
 
 @pytest.fixture(scope="module")
 def pg_url():
-    if pg_bin() is None:
-        pytest.skip("PostgreSQL binaries (initdb, pg_ctl) are not installed")
-    # under /tmp, not pytest's 0700 tmp root: the server runs as user postgres
-    tmp = Path(tempfile.mkdtemp(prefix="saeflow-pg-"))
-    with postgres_server(tmp) as url:
+    with scratch_server() as url:
         yield url
-    shutil.rmtree(tmp, ignore_errors=True)
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

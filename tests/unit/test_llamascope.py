@@ -10,15 +10,13 @@ import math
 from pathlib import Path
 from typing import Any
 
-import h5py
 import numpy as np
 import pytest
 import torch
+from acts_files import write_acts
 from sae_lens import SAE, JumpReLUSAE, TopKSAE
 from safetensors.torch import load_file
-from torch import Tensor
 
-from saeflow.h5io import mark_complete, write_attrs
 from saeflow.topk import (
     TopKParams,
     TopKTrainConfig,
@@ -38,14 +36,6 @@ from saeflow.topk import (
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def write_acts(path: Path, acts: Tensor, chunk_tokens: int) -> Path:
-    with h5py.File(path, "w") as h5:
-        h5.create_dataset("acts", data=acts.numpy(), chunks=(chunk_tokens, acts.shape[1]))
-        write_attrs(h5, {"model": "toy", "corpus": "toy", "site": "toy"})
-        mark_complete(h5)
-    return path
 
 
 def toy_acts(n_tokens: int, n_features: int, d: int, n_active: float, seed: int, scale: float):

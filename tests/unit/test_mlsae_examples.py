@@ -3,15 +3,13 @@ round trip through both feature-database back-ends (replace per SAE)."""
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
 import torch
-from pg_server import pg_bin, postgres_server
+from pg_server import scratch_server
 
 from saeflow.analysis import store
 from saeflow.h5io import mark_complete
@@ -96,12 +94,8 @@ def test_examples_match_the_dense_reference(toy: dict) -> None:
 
 @pytest.fixture(scope="module")
 def pg_url():
-    if pg_bin() is None:
-        pytest.skip("PostgreSQL binaries (initdb, pg_ctl) are not installed")
-    tmp = Path(tempfile.mkdtemp(prefix="saeflow-pg-"))
-    with postgres_server(tmp) as url:
+    with scratch_server() as url:
         yield url
-    shutil.rmtree(tmp, ignore_errors=True)
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

@@ -6,16 +6,15 @@ import csv
 from pathlib import Path
 from typing import Any
 
-import h5py
 import numpy as np
 import pytest
 import torch
+from acts_files import write_acts
 from sae_lens import SAE, TopKSAE
 from safetensors.torch import load_file
 from torch import Tensor
 
 from saeflow.batches import ActivationBatches
-from saeflow.h5io import mark_complete, write_attrs
 from saeflow.topk import (
     TopKParams,
     TopKTrainConfig,
@@ -32,15 +31,6 @@ from saeflow.topk import (
 
 # Tiny shapes: OpenMP hand-offs cost more than they save (tests/conftest.py).
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def write_acts(path: Path, acts: Tensor, chunk_tokens: int) -> Path:
-    """An activations file as the caching stage writes it (only what the readers check)."""
-    with h5py.File(path, "w") as h5:
-        h5.create_dataset("acts", data=acts.numpy(), chunks=(chunk_tokens, acts.shape[1]))
-        write_attrs(h5, {"model": "toy", "corpus": "toy", "site": "toy"})
-        mark_complete(h5)
-    return path
 
 
 def toy_activations(
