@@ -163,7 +163,7 @@ def main() -> None:
         }
         for j, (method, job) in enumerate(jobs.items()):
             order = ["torch", "sklearn"] if (i + j) % 2 == 0 else ["sklearn", "torch"]
-            got = {b: timed(lambda b=b: job(b)) for b in order}
+            got = {b: timed(lambda b=b, job=job: job(b)) for b in order}
             row = {"dataset": name, "method": method, "n": len(y),
                    "n_train": regimes.normal_train_size(y), "order": order,
                    **{f"{b}_wall_s": round(got[b][0], 3) for b in order},

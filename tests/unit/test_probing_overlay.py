@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 import yaml
 from snakemake.utils import validate
-from test_paper_overlay import _job_counts  # the same "Job stats" parser (tests/unit is on sys.path)
+from test_paper_overlay import (
+    _job_counts,  # the same "Job stats" parser (tests/unit is on sys.path)
+)
 
 from saeflow.config import check, sae_table
 

@@ -61,6 +61,12 @@ def probing_values(wildcards):
     return " ".join(str(v) for v in PROBING.get("regimes", {}).get(wildcards.regime, []))
 
 
+def probing_methods(wildcards):
+    """Baseline methods: `methods` in the normal regime, `regime_methods` in the others."""
+    key = "methods" if wildcards.regime == "normal" else "regime_methods"
+    return " ".join(PROBING.get(key, ["logreg"]))
+
+
 def probing_ks(wildcards):
     key = "ks" if wildcards.regime == "normal" else "regime_ks"
     return " ".join(str(k) for k in PROBING[key])
