@@ -6,7 +6,7 @@ import torch
 from nnsight import NNsight
 
 from saeflow.models import load_model
-from saeflow.probing import acts, datasets, probe, regimes
+from saeflow.probing import acts, baselines, datasets, probe, regimes
 
 SITE = "blocks.4.hook_resid_post"
 
@@ -34,3 +34,17 @@ def test_easy_dataset_auc_and_shuffled_control(headline_vs_code):
     (cs,) = regimes.splits(shuffled, "normal", max_train=100)
     (control,) = probe.select_logreg(x[cs.train], cs.y_train, x[cs.test], shuffled[cs.test])
     assert abs(control.test_auc - 0.5) <= 0.12
+
+
+@pytest.mark.parametrize("method", ["pca", "knn", "xgboost", "mlp"])
+def test_baselines_are_seeded_and_beat_chance(headline_vs_code, method):
+    x, y = headline_vs_code
+    (split,) = regimes.splits(y, "normal", max_train=100)
+    args = (method, x[split.train], split.y_train, x[split.test], y[split.test])
+    n_iter = 3 if method == "xgboost" else None  # 3 of the 10 configurations: seconds, not minutes
+    first = baselines.select(*args, seed=42, n_iter=n_iter)
+    assert first == baselines.select(*args, seed=42, n_iter=n_iter)  # every random draw seeded
+    assert first.test_auc >= 0.9, first
+    if method in ("xgboost", "mlp"):  # another seed draws other configurations
+        assert baselines.candidates(method, 100, 576, [], 0, 3) != baselines.candidates(
+            method, 100, 576, [], 42, 3)

@@ -7,7 +7,8 @@
 # dark_matter.smk
 
 DM = config["dark_matter"]
-DM_SAES = sorted(i for i, s in SAES.items() if s.get("family") == DM["family"])
+# (none without a family: stand-alone pretrained SAEs carry no family either)
+DM_SAES = sorted(i for i, s in SAES.items() if DM["family"] and s.get("family") == DM["family"])
 DM_SCALING_FIGURES = ["1", "2", "3", "4", "5"]
 DM_PER_TOKEN_FIGURES = ["6", "10a", "11", "12"]
 DM_FIGURES = DM_SCALING_FIGURES + ["6", "7", "10a", "11", "12", "13", "14"]

@@ -100,14 +100,21 @@ rule probing_baseline:
         acts_args=probing_acts_list,
         layer=probing_site_layer,
         values=probing_values,
+        methods=probing_methods,
         backend=PROBING.get("backend", "torch"),
         seed=PROBING.get("seed", 42),
-        code=code_version("probing.run", "probing.probe", "probing.engine", "probing.regimes"),
+        code=code_version(
+            "probing.run",
+            "probing.probe",
+            "probing.engine",
+            "probing.regimes",
+            "probing.baselines",
+        ),
     shell:
         "python -m saeflow.probing.run baseline {params.acts_args} --site {wildcards.site}"
         " --layer {params.layer} --regime {wildcards.regime} --values {params.values}"
-        " --backend {params.backend} --seed {params.seed} --threads {threads}"
-        " --out {output.table} > {log} 2>&1"
+        " --methods {params.methods} --backend {params.backend} --seed {params.seed}"
+        " --threads {threads} --out {output.table} > {log} 2>&1"
 
 
 rule probing_sae_probes:

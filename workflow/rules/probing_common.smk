@@ -26,9 +26,9 @@ def probing_site_args():
 
 def probing_sites():
     """Sites cached: the baselines' and those the probed SAEs read."""
-    return sorted(
-        set(PROBING.get("sites", [])) | {SAES[i]["site"] for i in PROBING.get("saes", [])}
-    )
+    sites = set(PROBING.get("sites", [])) | set(PROBING.get("regime_sites") or [])
+    saes = set(PROBING.get("saes", [])) | set(PROBING.get("regime_saes") or [])
+    return sorted(sites | {SAES[i]["site"] for i in saes})
 
 
 def probing_custom_args():
@@ -61,6 +61,12 @@ def probing_values(wildcards):
     return " ".join(str(v) for v in PROBING.get("regimes", {}).get(wildcards.regime, []))
 
 
+def probing_methods(wildcards):
+    """Baseline methods: `methods` in the normal regime, `regime_methods` in the others."""
+    key = "methods" if wildcards.regime == "normal" else "regime_methods"
+    return " ".join(PROBING.get(key, ["logreg"]))
+
+
 def probing_ks(wildcards):
     key = "ks" if wildcards.regime == "normal" else "regime_ks"
     return " ".join(str(k) for k in PROBING[key])
@@ -74,12 +80,24 @@ def probing_all_sae_acts(wildcards):
     return [f"probing/sae_acts/{wildcards.sae_id}/{d}.h5" for d in probing_datasets()]
 
 
+def probing_regime_list(key, regime):
+    """`sites` or `saes` of a regime: normal probes them all, the others `regime_{key}` if set."""
+    chosen = PROBING.get(f"regime_{key}") if regime != "normal" else None
+    return PROBING.get(key, []) if chosen is None else chosen
+
+
 def probing_regime_baselines(wildcards):
-    return [f"probing/baselines/{s}/{wildcards.regime}.csv" for s in PROBING.get("sites", [])]
+    return [
+        f"probing/baselines/{s}/{wildcards.regime}.csv"
+        for s in probing_regime_list("sites", wildcards.regime)
+    ]
 
 
 def probing_regime_saes(wildcards):
-    return [f"probing/sae_probes/{i}/{wildcards.regime}.csv" for i in PROBING.get("saes", [])]
+    return [
+        f"probing/sae_probes/{i}/{wildcards.regime}.csv"
+        for i in probing_regime_list("saes", wildcards.regime)
+    ]
 
 
 def probing_acts_list(wildcards, input):

@@ -141,7 +141,10 @@ def fit_l1(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, cs: torch.Tenso
     """L1 logistic regression (FISTA) for p problems; ``features`` [p, d] masks columns per problem.
 
     Each problem minimises ``C * sum(loss) + ||w||_1`` over its rows and its columns (zero weight
-    elsewhere), as sklearn's saga on the same sub-matrix.
+    elsewhere), as sklearn's saga on the same sub-matrix. A problem stops (and leaves the batch)
+    once one step changes its objective by at most ``tol`` relative. Margins are carried along
+    (``x @ v`` of the momentum point is a combination of the last two iterates' margins), so an
+    iteration costs two products with ``x``: the new iterate's margins and the gradient.
     """
     x, y, mask, cs = x.double(), y.double(), mask.double(), cs.double()
     n, d = x.shape
@@ -150,33 +153,43 @@ def fit_l1(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, cs: torch.Tenso
     # Lipschitz constant of the smooth part: C * sigma_max([x, 1])^2 / 4 (an upper bound on
     # every masked sub-matrix's).
     xa = torch.cat([x, torch.ones(n, 1, dtype=x.dtype)], dim=1)
-    lip = cs * torch.linalg.matrix_norm(xa, ord=2) ** 2 / 4
-    step = 1.0 / lip  # [p]
-    w, b = torch.zeros(p, d, dtype=x.dtype), torch.zeros(p, dtype=x.dtype)
-    vw, vb, momentum = w.clone(), b.clone(), torch.ones(p, dtype=x.dtype)
+    step_all = 1.0 / (cs * torch.linalg.matrix_norm(xa, ord=2) ** 2 / 4)  # [p]
+    w_out, b_out = torch.zeros(p, d, dtype=x.dtype), torch.zeros(p, dtype=x.dtype)
+    rows = torch.arange(p)
+    w, b = w_out.clone(), b_out.clone()
+    z = torch.zeros(p, n, dtype=x.dtype)  # margins of (w, b)
+    vw, vb, vz = w.clone(), b.clone(), z.clone()  # the momentum point and its margins
+    momentum = torch.ones(p, dtype=x.dtype)
+    cc, mk, fm, step = cs, mask, fmask, step_all
 
-    def objective(ww: torch.Tensor, bb: torch.Tensor) -> torch.Tensor:
-        return cs * _logloss(ww @ x.T + bb[:, None], y, mask) + ww.abs().sum(dim=1)
+    def objective(ww, zz, c_, m_):
+        return c_ * _logloss(zz, y, m_) + ww.abs().sum(dim=1)
 
-    obj = objective(w, b)
+    obj = objective(w, z, cc, mk)
     for _ in range(max_iter):
-        prob = torch.sigmoid(vw @ x.T + vb[:, None])
-        resid = cs[:, None] * (prob - y) * mask  # [p, n]
-        gw = (resid @ x) * fmask
-        gb = resid.sum(dim=1)
-        uw = vw - step[:, None] * gw
-        new_w = torch.sign(uw) * torch.clamp(uw.abs() - step[:, None], min=0) * fmask
-        new_b = vb - step * gb
-        new_obj = objective(new_w, new_b)
+        resid = cc[:, None] * (torch.sigmoid(vz) - y) * mk  # [a, n]
+        uw = vw - step[:, None] * ((resid @ x) * fm)
+        new_w = torch.sign(uw) * torch.clamp(uw.abs() - step[:, None], min=0) * fm
+        new_b = vb - step * resid.sum(dim=1)
+        new_z = new_w @ x.T + new_b[:, None]
+        new_obj = objective(new_w, new_z, cc, mk)
         # Adaptive restart (O'Donoghue & Candes 2015): drop momentum where the objective rose.
         restart = new_obj > obj
         next_m = (1 + torch.sqrt(1 + 4 * momentum**2)) / 2
         beta = torch.where(restart, torch.zeros_like(momentum), (momentum - 1) / next_m)
         vw = new_w + beta[:, None] * (new_w - w)
         vb = new_b + beta * (new_b - b)
+        vz = new_z + beta[:, None] * (new_z - z)
         momentum = torch.where(restart, torch.ones_like(momentum), next_m)
         converged = (obj - new_obj).abs() <= tol * (1 + obj.abs())
-        w, b, obj = new_w, new_b, torch.minimum(obj, new_obj)
-        if converged.all():
-            break
-    return Fit(w.float(), b.float())
+        w, b, z, obj = new_w, new_b, new_z, torch.minimum(obj, new_obj)
+        if converged.any():  # retire converged problems; the rest go on in a smaller batch
+            w_out[rows[converged]], b_out[rows[converged]] = w[converged], b[converged]
+            keep = ~converged
+            if not keep.any():
+                return Fit(w_out.float(), b_out.float())
+            rows, w, b, z, obj = rows[keep], w[keep], b[keep], z[keep], obj[keep]
+            vw, vb, vz, momentum = vw[keep], vb[keep], vz[keep], momentum[keep]
+            cc, mk, fm, step = cc[keep], mk[keep], fm[keep], step[keep]
+    w_out[rows], b_out[rows] = w, b
+    return Fit(w_out.float(), b_out.float())

@@ -71,11 +71,7 @@ def _torch_select(x_train, y_train, x_test, y_test, penalty, ks, cs, seed) -> li
     mask_t = torch.from_numpy(masks[m])
     cs_t = torch.tensor([grid[i] for i in c], dtype=torch.float64)
     y_t = torch.from_numpy(y_train.astype(np.float64))
-    feats = torch.from_numpy((np.arange(kmax)[None, :] < np.array(ks)[j][:, None]).astype(np.float64))
-    if penalty == "l1":
-        fit = engine.fit_l1(x, y_t, mask_t, cs_t, features=feats)
-    else:
-        fit = _l2_per_k(x, y_t, mask_t, cs_t, ks, j)
+    fit = _per_k(x, y_t, mask_t, cs_t, ks, j, penalty)
     train_scores = (x @ fit.coef.T).T + fit.intercept[:, None]  # [p, n]
     val = _mean_val_auc(train_scores, y_train, folds, masks, len(ks), len(grid))  # [k, C]
     x_te = torch.from_numpy(np.ascontiguousarray(x_test[:, :kmax], dtype=np.float32))
@@ -92,13 +88,16 @@ def _torch_select(x_train, y_train, x_test, y_test, penalty, ks, cs, seed) -> li
     return out
 
 
-def _l2_per_k(x, y_t, mask_t, cs_t, ks, j) -> engine.Fit:
-    """L2 fits per feature set (the row-space rotation depends on the columns)."""
+def _per_k(x, y_t, mask_t, cs_t, ks, j, penalty) -> engine.Fit:
+    """Fits per feature set, each on its own k columns (for L2 the row-space rotation depends
+    on the columns; for L1 a narrower matrix has a smaller Lipschitz constant, so longer steps,
+    and costs k/kmax of the products)."""
     coef = torch.zeros(len(cs_t), x.shape[1])
     intercept = torch.zeros(len(cs_t))
+    solve = engine.fit_l1 if penalty == "l1" else engine.fit_l2
     for jj, k in enumerate(ks):
         rows = torch.from_numpy(np.flatnonzero(j == jj))
-        fit = engine.fit_l2(x[:, :k], y_t, mask_t[rows], cs_t[rows])
+        fit = solve(x[:, :k], y_t, mask_t[rows], cs_t[rows])
         coef[rows, :k] = fit.coef
         intercept[rows] = fit.intercept
     return engine.Fit(coef, intercept)

@@ -3,18 +3,21 @@
 ``python -m saeflow.probing.run baseline --acts D.h5 [...] --site S --layer L --regime R --out O.csv``
 ``python -m saeflow.probing.run sae --sae-acts Z.h5 [...] --sae-id ID --layer L --regime R --out O.csv``
 
-Baselines: L2 logistic regression on the last-token activations (``method = logreg``). SAE
-probes: latents ranked on the training rows by |mean(pos) - mean(neg)| after dividing each latent
+Baselines: L2 logistic regression on the last-token activations (``method = logreg``) and the
+original's PCA, KNN, XGBoost and MLP baselines (:mod:`saeflow.probing.baselines`,
+``--methods``). SAE probes: latents ranked on the training rows by |mean(pos) - mean(neg)| after dividing each latent
 by its mean non-zero magnitude (the current code's ``get_sorted_indices`` with
 ``mean_act_normalization``; ``--ranking mean_diff`` is the paper's plain difference), the top k
 into an L1 probe, optionally binarised (x > 1). Rows of the SAE CSV: ``test_f1, test_acc,
 test_auc, val_auc, k, dataset, layer, sae_id, reg_type, binarize`` + the regime's column; of the
-baseline CSV: ``dataset, method, test_f1, test_acc, test_auc, val_auc, layer`` + the column.
+baseline CSV: ``dataset, method, test_f1, test_acc, test_auc, val_auc, layer`` + the column
+(+ ``C`` and ``params``, the chosen hyper-parameters as JSON).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -24,7 +27,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from saeflow.h5io import atomic_path
-from saeflow.probing import probe, regimes
+from saeflow.probing import baselines, probe, regimes
 from saeflow.probing.acts import read
 from saeflow.probing.sae_acts import read_sparse
 
@@ -51,13 +54,21 @@ def _value_row(regime: str, value: float, n_train: int) -> dict:
 
 
 def baseline_rows(name: str, x: np.ndarray, y: np.ndarray, layer: int, regime: str,
-                  values: tuple[float, ...], backend: probe.Backend, seed: int) -> list[dict]:
+                  values: tuple[float, ...], backend: probe.Backend, seed: int,
+                  methods: Sequence[str] = ("logreg",)) -> list[dict]:
+    """One row per (split, method); logreg on the chosen backend, the others by sklearn/XGBoost."""
     rows = []
     for sp in regimes.splits(y, regime, values, seed):
-        (m,) = probe.select_logreg(x[sp.train], sp.y_train, x[sp.test], y[sp.test], "l2",
-                                   seed=seed, backend=backend)
-        rows.append({"dataset": name, "method": "logreg", **asdict(m), "layer": layer,
-                     **_value_row(regime, sp.value, len(sp.train))})
+        for method in methods:
+            if method == "logreg":
+                (m,) = probe.select_logreg(x[sp.train], sp.y_train, x[sp.test], y[sp.test], "l2",
+                                           seed=seed, backend=backend)
+                scores = {**asdict(m), "params": json.dumps({"C": m.C})}
+            else:
+                scores = asdict(baselines.select(method, x[sp.train], sp.y_train, x[sp.test],
+                                                 y[sp.test], seed))
+            rows.append({"dataset": name, "method": method, **scores, "layer": layer,
+                         **_value_row(regime, sp.value, len(sp.train))})
     return rows
 
 
@@ -91,6 +102,8 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--layer", type=int, required=True)
     p.add_argument("--regime", choices=regimes.REGIMES, required=True)
     p.add_argument("--values", type=float, nargs="*", default=[], help="the regime's grid")
+    p.add_argument("--methods", nargs="+", default=["logreg"],
+                   choices=["logreg", *baselines.METHODS], help="baseline methods")
     p.add_argument("--ks", type=int, nargs="*", default=[16, 128])
     p.add_argument("--ranking", default="normalized_mean_diff")
     p.add_argument("--binarize", action="store_true")
@@ -114,7 +127,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         name = Path(path).stem
         if args.kind == "baseline":
             x, y = read(path, args.site)
-            rows += baseline_rows(name, x, y, args.layer, args.regime, values, args.backend, args.seed)
+            rows += baseline_rows(name, x, y, args.layer, args.regime, values, args.backend,
+                                  args.seed, args.methods)
         else:
             z, y = read_sparse(path)
             rows += sae_rows(name, z, y, args.sae_id, args.layer, args.regime, values, args.ks,
