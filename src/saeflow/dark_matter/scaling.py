@@ -335,7 +335,7 @@ def figure1_table(saes: pd.DataFrame, fits: pd.DataFrame, headline_l0: float,
     })
     table["l0"], table["grouping"] = measured.l0.to_numpy(), grouping
     bands = table[["absent_features", "linear_error", "encoder_error", "nonlinear_error"]]
-    negative = [name for name in bands if (bands[name] < 0).any()]
+    negative = [name for name in bands if bool((bands[name] < 0).any())]
     table["note"] = f"negative band(s): {', '.join(negative)}" if negative else ""
     return table.loc[:, [c for c in table if c not in ("l0", "grouping")] + ["l0", "grouping"]]
 
