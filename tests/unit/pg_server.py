@@ -12,10 +12,13 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+import pytest
 
 
 def pg_bin() -> Path | None:
@@ -65,10 +68,6 @@ def postgres_server(tmp: Path) -> Iterator[str]:
 def scratch_server() -> Iterator[str]:
     """A server in a fresh directory, removed afterwards; skips the test without PostgreSQL.
     Under /tmp, not pytest's 0700 tmp root: the server runs as user postgres."""
-    import tempfile
-
-    import pytest
-
     if pg_bin() is None:
         pytest.skip("PostgreSQL binaries (initdb, pg_ctl) are not installed")
     tmp = Path(tempfile.mkdtemp(prefix="saeflow-pg-"))

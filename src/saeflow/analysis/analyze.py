@@ -185,8 +185,8 @@ def token_strings(tokenizer: Any, ids: np.ndarray) -> dict[int, str]:
 
 def write_documents(path: str, docs) -> int:
     n = 0
-    # level 1: a quarter larger than level 9 and 19x faster to write; the file is read once, by
-    # the database load and the dashboard
+    # level 1: 29% larger than level 9 and far faster to write (measured on the default's SAE);
+    # only the database load and the dashboard read the file
     with h5io.atomic_path(path) as tmp, \
             gzip.open(tmp, "wt", encoding="utf-8", compresslevel=1) as f:
         for doc in docs:
