@@ -18,6 +18,7 @@ MLSAE_EXAMPLES = mlsae_config.example_mlsaes(config)
 # the figures of plot_mlsae_summary (saeflow.figures.mlsae summary), each beside its CSV
 MLSAE_SUMMARY_FIGURES = ["mmcs", "resid_cos_sim", "embed_cos_sim", "layer_std", "sweep"]
 
+
 def mlsae_entry(sae_id):
     """The sweep entry of an MLSAE or of a single-layer baseline."""
     return MLSAES[sae_id] if sae_id in MLSAES else MLSAE_BASELINES[sae_id]
