@@ -16,7 +16,7 @@ import yaml
 from test_mlsae_train import multilayer_toy, write_layers
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from saeflow.metrics import next_token_ce
+from saeflow.metrics import kl_per_token, next_token_ce
 from saeflow.mlsae.baselines import CompareError, compare
 from saeflow.mlsae.config import MLSAEConfigError, baselines
 from saeflow.mlsae.evaluate import main as evaluate_main
@@ -115,6 +115,23 @@ def test_spliced_losses_of_a_perfect_and_a_null_reconstruction(tiny_lm) -> None:
     for a, b in zip(apart, together):
         assert a == pytest.approx(b, rel=1e-9)  # one clean pass for all layers changes nothing
         assert b["kl"] > 1e-3 and b["ce_spliced"] != b["ce_clean"]
+    # the reference: saeflow.metrics on the logits of a forward with the null splice at layer 2
+    def splice(_module, _inputs, output):
+        hidden = (output[0] if isinstance(output, tuple) else output).clone()
+        hidden[:, 1:] = reconstruct(null.params, hidden[:, 1:], null.k)[0]
+        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+    handle = tiny_lm.model.layers[2].register_forward_hook(splice)
+    with torch.no_grad():
+        patched = tiny_lm(ids).logits
+    handle.remove()
+    with torch.no_grad():
+        clean = tiny_lm(ids).logits
+    assert together[1]["ce_spliced"] == pytest.approx(
+        float(next_token_ce(patched, ids)[:, 1:].mean()), rel=1e-9)
+    n = ids.shape[0] * (ids.shape[1] - 2)
+    assert together[1]["kl"] == pytest.approx(
+        float(kl_per_token(clean, patched)[:, 1:-1].sum()) / n, rel=1e-9)
 
 
 def test_single_layer_evaluation_skips_the_distributions(tmp_path: Path) -> None:
