@@ -59,3 +59,32 @@ def packaged_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
             convert_packaged(cached)
         return Path(cached)
     return convert_packaged(tmp_path_factory.mktemp("packaged") / "smollm2-135m")
+
+
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run", "--disable-default-apps",
+                 "--disable-domain-reliability", "--metrics-recording-only"]
+
+
+def _chromium() -> str | None:
+    for path in ("/usr/lib/chromium/chromium-headless-shell", "/usr/bin/chromium-headless-shell",
+                 "/usr/bin/chromium"):
+        if os.path.exists(path):
+            return path
+    return None
+
+
+@pytest.fixture(scope="module")
+def page():
+    """A page of headless Debian Chromium driven by Playwright, for the viewer's page tests (no
+    browser download: the system binary that .ci/run installs)."""
+    path = _chromium()
+    if path is None:
+        pytest.skip("Debian chromium / chromium-headless-shell not installed (see .ci/run)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=path, args=CHROMIUM_ARGS)
+        pg = browser.new_page(viewport={"width": 1200, "height": 1400})
+        yield pg
+        browser.close()

@@ -165,33 +165,6 @@ def test_static_dashboard_is_self_contained(built, tmp_path):
     assert page.count('"index":') >= 5
 
 
-def _browser():
-    for path in ("/usr/lib/chromium/chromium-headless-shell", "/usr/bin/chromium-headless-shell",
-                 "/usr/bin/chromium"):
-        if os.path.exists(path):
-            return path
-    return None
-
-
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run", "--disable-default-apps",
-                 "--disable-domain-reliability", "--metrics-recording-only"]
-
-
-@pytest.fixture(scope="module")
-def page():
-    browser_path = _browser()
-    if browser_path is None:
-        pytest.skip("Debian chromium / chromium-headless-shell not installed (see .ci/run)")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=browser_path, args=CHROMIUM_ARGS)
-        pg = browser.new_page(viewport={"width": 1200, "height": 1400})
-        yield pg
-        browser.close()
-
-
 def test_browser_feature_card_and_prompt(server, page, built, tmp_path_factory):
     s = store.open_store(str(built / "features.sqlite"))
     busy = max(range(D_SAE), key=lambda i: s.feature("tiny", i)["count"])  # type: ignore[index]

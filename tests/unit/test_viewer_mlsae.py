@@ -4,6 +4,7 @@ computation done here (a tiny random Llama with the packaged SmolLM2 tokenizer, 
 
 from __future__ import annotations
 
+import json
 import shutil
 import socket
 import subprocess
@@ -194,6 +195,52 @@ def test_the_mlsae_page_is_served_and_its_script_parses(server: httpx.Client) ->
     if node:  # a syntax check; the page's behaviour is not exercised without a browser
         js = Path(__file__).resolve().parents[2] / "src/saeflow/viewer/static/mlsae.js"
         subprocess.run([node, "--check", str(js)], check=True, timeout=60)
+
+
+def test_the_mlsae_page_in_a_browser(server: httpx.Client, page, built: dict) -> None:
+    """Each of the page's four views drawn in headless Chromium, checked against the API."""
+    root = str(server.base_url).removesuffix("/api/")
+    external = []
+    page.on("request", lambda r: None if r.url.startswith(root) else external.append(r.url))
+    page.goto(root + "/mlsae")
+    page.wait_for_selector("#layer option", state="attached")
+    assert page.locator("#layer option").all_inner_texts() == [str(layer) for layer in LAYERS]
+    page.fill("#text", TEXT)
+    page.click("#run-acts")  # every layer a row, every token a column
+    page.wait_for_selector("#acts")
+    assert page.locator("#acts tr").count() == 1 + len(LAYERS)
+    assert page.locator("#acts th").count() == 1 + built["ids"].shape[1]
+    api = server.post("/mlsaes/tiny-mlsae/prompt/latent-activations",
+                      json={"text": TEXT, "latent": None, "top": 3}).json()
+    first = page.locator("#acts tr").nth(1).locator("td").nth(1).locator(".lat").first
+    latent, _ = first.inner_text().split(":")
+    assert int(latent) == api["latents"][0][0][0][0]
+    first.click()  # a latent's id fills the box and shades the cells by its activation
+    page.wait_for_function("document.getElementById('latent').value !== ''")
+    assert page.input_value("#latent") == latent
+    page.fill("#latent", "7")
+    page.click("#run-examples")  # the loaded examples of latent 7: 2 layers x 2 ranks
+    page.wait_for_selector("#out .sample")
+    assert page.locator("#out .sample").count() == 2 * len(LAYERS)
+    page.select_option("#layer", "1")
+    page.fill("#factor", "40")
+    page.fill("#latent", "5")
+    page.click("#run-steer")
+    page.wait_for_selector("#steer")
+    steer = server.post("/mlsaes/tiny-mlsae/prompt/logits-steer", json={
+        "text": TEXT, "latent": 5, "layer": 1, "factor": 40.0, "top": 10}).json()
+    top = page.locator("#steer .col").first.locator("tr").first.locator("td")
+    assert top.nth(0).inner_text() == json.dumps(steer["positions"][-1]["increase"][0][0])
+    assert float(top.nth(1).inner_text()) == pytest.approx(
+        steer["positions"][-1]["increase"][0][1], rel=1e-2)
+    page.click("#run-recon")
+    page.wait_for_selector("#recon")
+    assert "KL(clean || spliced)" in page.inner_text("#recon h3")
+    page.fill("#latent", str(M))  # out of range: the server's message, shown on the page
+    page.click("#run-steer")
+    page.wait_for_selector("#out .error")
+    assert f"latent {M} out of range" in page.inner_text("#out .error")
+    assert external == []
 
 
 @pytest.mark.parametrize(("path", "body", "code", "words"), [
