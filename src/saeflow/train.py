@@ -17,16 +17,18 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import h5py
 import torch
 
 from saeflow.device import DEVICE_HELP, resolve_device
 from saeflow.h5io import InputFileError, open_checked
-from saeflow.sae_lens_train import SAELensTrainConfig, train_sae_lens
 from saeflow.saex_train import SaexTrainConfig, train_saex
 from saeflow.topk import TopKTrainConfig, train_topk
+
+if TYPE_CHECKING:  # imported where used: sae_lens takes ~6 s to import, topk and saex need none
+    from saeflow.sae_lens_train import SAELensTrainConfig
 
 ARCHITECTURES = ("topk", "batchtopk", "standard", "jumprelu", "gated", "saex")
 SAE_LENS = ("batchtopk", "standard", "jumprelu", "gated")
@@ -334,6 +336,8 @@ def saex_config(args: argparse.Namespace, info: dict[str, Any]) -> SaexTrainConf
 
 
 def sae_lens_config(args: argparse.Namespace, info: dict[str, Any]) -> SAELensTrainConfig:
+    from saeflow.sae_lens_train import SAELensTrainConfig
+
     warmup = args.l1_warm_up_steps if args.l1_warm_up_steps is not None else args.l0_warm_up_steps
     return SAELensTrainConfig(
         architecture=args.architecture,
@@ -400,6 +404,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             log_path=args.train_log,
         )  # fmt: skip
     else:
+        from saeflow.sae_lens_train import train_sae_lens
+
         cfg = sae_lens_config(args, info)
         summary = train_sae_lens(
             args.acts, args.out, cfg, args.checkpoint_dir, progress=progress,
