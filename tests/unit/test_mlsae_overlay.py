@@ -18,6 +18,7 @@ from saeflow.mlsae.config import MLSAEConfigError, layers, mlsae_table
 
 REPO = Path(__file__).resolve().parents[2]
 OVERLAY = REPO / "config/paper/mlsae.yaml"
+OVERLAY_160M = REPO / "config/paper/mlsae-pythia160m.yaml"
 SCHEMA = str(REPO / "workflow/schemas/config.schema.yaml")
 
 # 3 expansion factors x 3 k trained, the 9 released tim-lawson MLSAEs imported, all 18
@@ -34,10 +35,22 @@ EXPECTED_JOBS = {
     "mlsae_similarities": 1,
     "mlsae_tables": 1,
 }
+# Pythia-160m: x64-k32 trained and the released one imported, both evaluated; one baseline.
+EXPECTED_JOBS_160M = {
+    "tokenize": 2,
+    "cache_mlsae_activations": 2,
+    "train_mlsae": 2,
+    "import_mlsae": 1,
+    "evaluate_mlsae": 2,
+    "evaluate_mlsae_baseline": 1,
+    "mlsae_vs_single_layer": 1,
+    "mlsae_similarities": 1,
+    "mlsae_tables": 1,
+}
 
 
-def _overlay() -> dict:
-    config = yaml.safe_load(OVERLAY.read_text())
+def _overlay(path: Path = OVERLAY) -> dict:
+    config = yaml.safe_load(path.read_text())
     validate(config, SCHEMA)
     return config
 
@@ -53,17 +66,20 @@ def _job_counts(output: str) -> dict[str, int]:
     return counts
 
 
-def test_overlay_dag_builds_offline_with_the_expected_jobs(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("overlay", "expected"), [(OVERLAY, EXPECTED_JOBS),
+                                                   (OVERLAY_160M, EXPECTED_JOBS_160M)])
+def test_overlay_dag_builds_offline_with_the_expected_jobs(tmp_path: Path, overlay: Path,
+                                                           expected: dict[str, int]) -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
            "TRANSFORMERS_OFFLINE": "1", "HTTP_PROXY": "http://127.0.0.1:9",
            "HTTPS_PROXY": "http://127.0.0.1:9", "HF_HOME": str(tmp_path / "hf")}
-    cmd = [sys.executable, "-m", "snakemake", "-n", "--configfile", str(OVERLAY),
+    cmd = [sys.executable, "-m", "snakemake", "-n", "--configfile", str(overlay),
            "--config", f"workdir={tmp_path / 'wd'}", "--quiet", "rules", "--cores", "1"]
     run = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
                          check=False)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     counts = _job_counts(run.stdout + run.stderr)
-    for rule, count in EXPECTED_JOBS.items():
+    for rule, count in expected.items():
         assert counts.get(rule) == count, (rule, counts)
     assert "convert_model" not in counts  # a hub model is not converted
 
@@ -77,6 +93,15 @@ def test_overlay_sweep_is_the_papers() -> None:
     assert repos == sorted(f"tim-lawson/mlsae-pythia-70m-deduped-x{r}-k{k}"
                            for r in (32, 64, 128) for k in (16, 32, 64))
     assert layers(config) == list(range(6))
+
+
+def test_pythia160m_overlay_reads_its_12_layers() -> None:
+    config = _overlay(OVERLAY_160M)
+    table = mlsae_table(config)
+    assert sorted(table) == ["lawson-160m-x64-k32", "mlsae-x64-k32"]
+    assert table["lawson-160m-x64-k32"]["repo"] == "tim-lawson/mlsae-pythia-160m-deduped-x64-k32"
+    assert layers(config) == list(range(12))
+    assert config["models"]["pythia160m"]["path"] == "EleutherAI/pythia-160m-deduped"
 
 
 @pytest.mark.parametrize("mutate,needle", [
