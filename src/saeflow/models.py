@@ -17,7 +17,7 @@ import json
 import os
 import re
 import struct
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, NamedTuple
@@ -161,6 +161,26 @@ def site_activation(output: Any) -> torch.Tensor:
     # Attention modules return (attn_output, attn_weights); decoder layers return a tensor in
     # transformers 5 but a tuple in 4.x.
     return output[0] if isinstance(output, tuple | list) else output  # (batch, seq, d_model)
+
+
+def spliced_logits(model: PreTrainedModel, module: nn.Module, ids: torch.Tensor, skip: int,
+                   replace: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Logits of ``ids`` with the activation ``module`` outputs (:func:`site_activation`) at
+    positions >= ``skip`` replaced by ``replace`` of it.
+
+    A forward hook rather than an nnsight trace: the logits are the same to the bit, and a
+    trace costs seconds of set-up per call on CPU (benchmarks/results/default_run_cpu.json).
+    """
+    def hook(_module, _inputs, output):
+        hidden = site_activation(output).clone()
+        hidden[:, skip:] = replace(hidden[:, skip:]).to(hidden.dtype)
+        return (hidden, *output[1:]) if isinstance(output, tuple | list) else hidden
+
+    handle = module.register_forward_hook(hook)
+    try:
+        return model(ids).logits
+    finally:
+        handle.remove()
 
 
 def _site_name(site: Site) -> str:

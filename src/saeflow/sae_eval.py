@@ -32,14 +32,12 @@ import h5py
 import numpy as np
 import pandas as pd
 import torch
-from nnsight import NNsight
 from tqdm import tqdm
 
 from saeflow import h5io
-from saeflow.activations import envoy_for
 from saeflow.device import DEVICE_HELP, resolve_device
 from saeflow.metrics import ReconstructionStats, kl_per_token, next_token_ce, recovered_score
-from saeflow.models import load_model, resolve_site
+from saeflow.models import load_model, resolve_site, spliced_logits
 from saeflow.saes import load_sae
 
 
@@ -151,23 +149,9 @@ def evaluate_reconstruction(sae, acts_path: str, out_path: str, chunk: int, attr
     return {**stats.result(), "dead_fraction": dead, "alive_fraction": 1.0 - dead}
 
 
-def spliced_logits(traced: NNsight, model, envoy, ids: torch.Tensor, skip: int,
-                   replace) -> torch.Tensor:
-    """Logits with the site's output at positions >= skip replaced by ``replace(output)``."""
-    logits = None
-    with traced.trace(ids):
-        out = envoy.output
-        hidden = out[0] if isinstance(out, tuple) else out
-        hidden[:, skip:] = replace(hidden[:, skip:])
-        logits = traced.output.logits.save()
-    assert logits is not None  # set inside the trace
-    return logits
-
-
 def downstream_loss(sae, model, site: str, tokens: np.ndarray, skip: int, batch_size: int) -> dict:
     """Clean, SAE-spliced and zero-ablated CE and KL over positions >= skip."""
-    traced = NNsight(model)
-    envoy = envoy_for(traced, model, resolve_site(model, site)[0])
+    module = resolve_site(model, site)[0]
     sums = {"ce_clean": 0.0, "ce_sae": 0.0, "ce_ablated": 0.0, "kl_sae": 0.0, "kl_ablated": 0.0}
     n = 0
     with torch.inference_mode():
@@ -175,8 +159,8 @@ def downstream_loss(sae, model, site: str, tokens: np.ndarray, skip: int, batch_
             ids = torch.from_numpy(tokens[start : start + batch_size].astype(np.int64))
             ids = ids.to(model.device)
             clean = model(ids).logits
-            patched = spliced_logits(traced, model, envoy, ids, skip, sae)
-            ablated = spliced_logits(traced, model, envoy, ids, skip, torch.zeros_like)
+            patched = spliced_logits(model, module, ids, skip, sae)
+            ablated = spliced_logits(model, module, ids, skip, torch.zeros_like)
             # next-token loss at position p predicts token p+1; count predictions made at p >= skip
             for key, logits in [("clean", clean), ("sae", patched), ("ablated", ablated)]:
                 sums[f"ce_{key}"] += float(next_token_ce(logits, ids)[:, skip:].sum())

@@ -5,6 +5,7 @@ from pathlib import Path
 import gguf
 import pytest
 import torch
+from nnsight import NNsight
 from transformers import (
     AutoModelForCausalLM,
     Gemma2Config,
@@ -30,6 +31,7 @@ from saeflow.models import (
     parse_site,
     resolve_site,
     site_activation,
+    spliced_logits,
 )
 
 N_LAYERS, D_MODEL, VOCAB = 3, 32, 64
@@ -98,6 +100,31 @@ def test_hook_sites_match_hidden_states_and_residual_decomposition(arch: str) ->
     torch.testing.assert_close(prev, hidden[layer], rtol=0, atol=0)
     assert (post - prev).abs().mean() > 0.1  # the layer does something measurable
     torch.testing.assert_close(post - prev, attn + mlp, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", sorted(CONFIGS))
+@pytest.mark.parametrize("kind", ["resid_post", "attn_out", "mlp_out"])
+def test_spliced_logits_equal_an_nnsight_trace_that_edits_the_site(arch: str, kind: str) -> None:
+    model = tiny_model(arch)
+    input_ids = torch.randint(0, VOCAB, (2, 7))
+    module, _ = resolve_site(model, f"blocks.1.hook_{kind}")
+    name = next(n for n, m in model.named_modules() if m is module)
+    traced = NNsight(model)
+    envoy = traced
+    for part in name.split("."):
+        envoy = envoy[int(part)] if part.isdigit() else getattr(envoy, part)
+    with torch.inference_mode():
+        clean = model(input_ids).logits
+        with traced.trace(input_ids):
+            out = envoy.output
+            hidden = out[0] if isinstance(out, tuple) else out
+            hidden[:, 2:] = -0.5 * hidden[:, 2:]
+            reference = traced.output.logits.save()
+        got = spliced_logits(model, module, input_ids, 2, lambda h: -0.5 * h)
+        assert torch.equal(got[:, :2], clean[:, :2])  # causal: positions before skip untouched
+        assert (got[:, 2:] - clean[:, 2:]).abs().max() > 1e-3
+        assert model(input_ids).logits.equal(clean)  # the hook is removed
+    torch.testing.assert_close(got, reference, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("arch", sorted(CONFIGS))

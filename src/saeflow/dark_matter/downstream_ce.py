@@ -46,18 +46,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 import torch
-from nnsight import NNsight
 from torch import Tensor
 
 from saeflow import cli, h5io
-from saeflow.activations import envoy_for
 from saeflow.device import DEVICE_HELP, resolve_device
 from saeflow.metrics import next_token_ce
-from saeflow.models import load_model, resolve_site
+from saeflow.models import load_model, resolve_site, spliced_logits
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
-from saeflow.sae_eval import spliced_logits
 from saeflow.saes import load_sae
 
 SETTINGS = ("sae_linear", "sae_nonlinear")
@@ -99,8 +96,7 @@ def spliced_ce(model: PreTrainedModel, site: str, tokens: np.ndarray, skip: int,
 
     tokens [n_seq, ctx] int. Returns {"clean": ..., name: ... for each setting, "n_predictions"}.
     """
-    traced = NNsight(model)
-    envoy = envoy_for(traced, model, resolve_site(model, site)[0])
+    module = resolve_site(model, site)[0]
     sums = dict.fromkeys(["clean", *settings], 0.0)
     n = 0
     with torch.inference_mode():
@@ -109,7 +105,7 @@ def spliced_ce(model: PreTrainedModel, site: str, tokens: np.ndarray, skip: int,
             ids = ids.to(model.device)
             sums["clean"] += float(next_token_ce(model(ids).logits, ids)[:, skip:].sum())
             for name, replace in settings.items():
-                logits = spliced_logits(traced, model, envoy, ids, skip, replace)
+                logits = spliced_logits(model, module, ids, skip, replace)
                 sums[name] += float(next_token_ce(logits, ids)[:, skip:].sum())
             n += ids.shape[0] * (ids.shape[1] - 1 - skip)
     return {**{name: total / n for name, total in sums.items()}, "n_predictions": n}

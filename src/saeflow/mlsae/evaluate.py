@@ -39,7 +39,7 @@ from saeflow.mlsae.math import (
     variance_terms,
 )
 from saeflow.mlsae.trainer import LoadedMLSAE, load_mlsae
-from saeflow.models import load_model, resolve_site
+from saeflow.models import load_model, resolve_site, spliced_logits
 
 
 def reconstruction_pass(sae: LoadedMLSAE, paths: list[str], chunk: int,
@@ -84,17 +84,13 @@ def spliced_losses(sae: LoadedMLSAE, model, layers: list[int], tokens: np.ndarra
     """Clean and spliced CE and KL(clean || spliced) with the MLSAE's reconstruction at each of
     ``layers`` (one dict per layer, in order); the clean pass runs once per batch.
 
-    The splice is a forward hook on the layer's module (the one :func:`resolve_site` names for
-    ``blocks.{layer}.hook_resid_post``) rather than an nnsight trace: one trace per layer and
-    batch cost ~50x a plain forward here, and the MLSAE splices at every layer.
+    The splice is :func:`saeflow.models.spliced_logits` (a forward hook on the module
+    :func:`resolve_site` names for ``blocks.{layer}.hook_resid_post``).
     """
     params = type(sae.params)(*(p.to(model.device) for p in sae.params))
 
-    def hook(_module, _inputs, output):
-        hidden = output[0] if isinstance(output, tuple) else output
-        hidden = hidden.clone()
-        hidden[:, skip:] = reconstruct(params, hidden[:, skip:], sae.k)[0].to(hidden.dtype)
-        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+    def splice(hidden: torch.Tensor) -> torch.Tensor:
+        return reconstruct(params, hidden, sae.k)[0]
 
     modules = [resolve_site(model, f"blocks.{layer}.hook_resid_post")[0] for layer in layers]
     sums = [{"ce_clean": 0.0, "ce_spliced": 0.0, "kl": 0.0} for _ in layers]
@@ -108,11 +104,8 @@ def spliced_losses(sae: LoadedMLSAE, model, layers: list[int], tokens: np.ndarra
             p_clean = logp.exp()
             ce_clean = float(_next_token_nll(logp, ids)[:, skip:].sum())
             for module, out in zip(modules, sums):
-                handle = module.register_forward_hook(hook)
-                try:
-                    logq = torch.log_softmax(model(ids).logits.double(), dim=-1)
-                finally:
-                    handle.remove()
+                logq = torch.log_softmax(
+                    spliced_logits(model, module, ids, skip, splice).double(), dim=-1)
                 out["ce_clean"] += ce_clean
                 out["ce_spliced"] += float(_next_token_nll(logq, ids)[:, skip:].sum())
                 kl = (p_clean * (logp - logq)).sum(dim=-1)  # KL(clean || spliced) per position
