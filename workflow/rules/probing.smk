@@ -24,7 +24,7 @@ rule probing_acts:
     input:
         model=model_input,
     output:
-        [f"probing/acts/{{model}}/{d}.h5" for d in probing_datasets()],
+        [f"probing/acts/{{model}}/{d}.h5" for d in probing_act_names()],
     log:
         "logs/probing_acts/{model}.log",
     benchmark:
@@ -61,7 +61,7 @@ rule probing_sae_acts:
         weights="saes/{sae_id}/sae_weights.safetensors",
         acts=probing_all_acts,
     output:
-        [f"probing/sae_acts/{{sae_id}}/{d}.h5" for d in probing_datasets()],
+        [f"probing/sae_acts/{{sae_id}}/{d}.h5" for d in probing_act_names()],
     log:
         "logs/probing_sae_acts/{sae_id}.log",
     benchmark:
@@ -83,7 +83,8 @@ rule probing_sae_acts:
 
 rule probing_baseline:
     input:
-        acts=probing_all_acts,
+        acts=probing_regime_acts,
+        ood=probing_regime_ood_acts,
     output:
         table="probing/baselines/{site}/{regime}.csv",
     log:
@@ -98,6 +99,7 @@ rule probing_baseline:
         runtime=120,
     params:
         acts_args=probing_acts_list,
+        ood_args=probing_ood_args,
         layer=probing_site_layer,
         values=probing_values,
         methods=probing_methods,
@@ -111,7 +113,8 @@ rule probing_baseline:
             "probing.baselines",
         ),
     shell:
-        "python -m saeflow.probing.run baseline {params.acts_args} --site {wildcards.site}"
+        "python -m saeflow.probing.run baseline {params.acts_args} {params.ood_args}"
+        " --site {wildcards.site}"
         " --layer {params.layer} --regime {wildcards.regime} --values {params.values}"
         " --methods {params.methods} --backend {params.backend} --seed {params.seed}"
         " --threads {threads} --out {output.table} > {log} 2>&1"
@@ -119,7 +122,8 @@ rule probing_baseline:
 
 rule probing_sae_probes:
     input:
-        acts=probing_all_sae_acts,
+        acts=probing_regime_sae_acts,
+        ood=probing_regime_ood_sae_acts,
     output:
         table="probing/sae_probes/{sae_id}/{regime}.csv",
     log:
@@ -134,18 +138,22 @@ rule probing_sae_probes:
         runtime=120,
     params:
         acts_args=probing_sae_acts_list,
+        ood_args=probing_ood_args,
         layer=probing_sae_layer,
         values=probing_values,
         ks=probing_ks,
         ranking=PROBING.get("ranking", "normalized_mean_diff"),
         binarize="--binarize" if PROBING.get("binarize") else "",
+        threshold=PROBING.get("binarize_threshold", 1.0),
         backend=PROBING.get("backend", "torch"),
         seed=PROBING.get("seed", 42),
         code=code_version("probing.run", "probing.probe", "probing.engine", "probing.regimes"),
     shell:
-        "python -m saeflow.probing.run sae {params.acts_args} --sae-id {wildcards.sae_id}"
+        "python -m saeflow.probing.run sae {params.acts_args} {params.ood_args}"
+        " --sae-id {wildcards.sae_id}"
         " --layer {params.layer} --regime {wildcards.regime} --values {params.values}"
         " --ks {params.ks} --ranking {params.ranking} {params.binarize}"
+        " --binarize-threshold {params.threshold}"
         " --backend {params.backend} --seed {params.seed} --threads {threads}"
         " --out {output.table} > {log} 2>&1"
 
