@@ -3,6 +3,7 @@
 # Snakefile just before probing.smk.
 
 from saeflow.probing.datasets import OOD_DATASETS, binary_datasets
+from saeflow.probing.regimes import REGIMES
 
 PROBING = config.get("probing", {})
 PROBING_MODEL = PROBING.get("model")
@@ -162,4 +163,33 @@ def probing_targets():
     """Every probing table and figure (none without probing.model)."""
     if not PROBING_MODEL:
         return []
-    return ["tables/probing_datasets.csv"] + [f"plots/probing/{r}.pdf" for r in probing_regimes()]
+    return (
+        ["tables/probing_datasets.csv"]
+        + [f"plots/probing/{r}.pdf" for r in probing_regimes()]
+        + probing_multi_targets()
+    )
+
+
+MULTI_TOKEN = PROBING.get("multi_token") or {}
+MULTI_SITE = MULTI_TOKEN.get("site") if PROBING_MODEL else None
+
+
+def probing_multi_datasets():
+    return list(MULTI_TOKEN.get("datasets", []))
+
+
+def probing_multi_acts(wildcards):
+    return [f"probing/multi_acts/{PROBING_MODEL}/{d}.h5" for d in probing_multi_datasets()]
+
+
+def probing_multi_saes(wildcards):
+    return [f"saes/{i}/sae_weights.safetensors" for i in MULTI_TOKEN.get("saes", [])]
+
+
+def probing_multi_sae_args(wildcards):
+    return " ".join(f"--sae saes/{i} --sae-id {i}" for i in MULTI_TOKEN.get("saes", []))
+
+
+def probing_multi_targets():
+    """The multi-token figure when probing.multi_token.site is set."""
+    return ["plots/probing/multi_token.pdf"] if MULTI_SITE else []

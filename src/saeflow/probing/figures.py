@@ -63,13 +63,14 @@ def ood_summary(base: pd.DataFrame, sae: pd.DataFrame) -> pd.DataFrame:
     are several) and of the SAE probe (SAE, k, binarisation) of highest validation AUC."""
     base = base.assign(value=0)
     if "method" in base:
-        base = base[base["method"] == "logreg"]
-    b = _best(base)[["dataset", "test_auc"]].rename(columns={"test_auc": "test_auc_baseline"})
+        base = pd.DataFrame(base.loc[base["method"] == "logreg"])
+    b = pd.DataFrame(_best(base)[["dataset", "test_auc"]]).rename(
+        columns={"test_auc": "test_auc_baseline"})
     sae = sae.assign(value=0)
     for col, fill in (("sae_id", ""), ("k", 0), ("binarize", False)):
         if col not in sae:
             sae = sae.assign(**{col: fill})
-    s = _best(sae)[["dataset", "test_auc", "sae_id", "k", "binarize"]].rename(
+    s = pd.DataFrame(_best(sae)[["dataset", "test_auc", "sae_id", "k", "binarize"]]).rename(
         columns={"test_auc": "test_auc_sae"})
     return pd.DataFrame(b.merge(s, on="dataset", how="left")[OOD_COLUMNS])
 

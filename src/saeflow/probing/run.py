@@ -28,6 +28,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -66,7 +67,7 @@ def binarize_latents(x: np.ndarray, threshold: float = 1.0) -> np.ndarray:
 
 
 def eval_sets(x, y: np.ndarray, regime: str, values: tuple[float, ...], seed: int,
-              ood: tuple | None = None) -> list[tuple[regimes.Split, object, np.ndarray]]:
+              ood: tuple | None = None) -> list[tuple[regimes.Split, Any, np.ndarray]]:
     """(split, test features, test labels) per split of ``regime``; the ood regime trains on
     ``x`` and tests on ``ood`` = (features, labels) of the OOD set. ``x`` dense or CSR."""
     if regime == "ood":
