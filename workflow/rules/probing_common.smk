@@ -48,6 +48,7 @@ def probing_sites():
     """Sites cached: the baselines' and those the probed SAEs read."""
     sites = set(PROBING.get("sites", [])) | set(PROBING.get("regime_sites") or [])
     saes = set(PROBING.get("saes", [])) | set(PROBING.get("regime_saes") or [])
+    saes |= set(PROBING.get("ood_saes") or [])
     return sorted(sites | {SAES[i]["site"] for i in saes})
 
 
@@ -126,8 +127,11 @@ def probing_ood_args(wildcards, input):
 
 
 def probing_regime_list(key, regime):
-    """`sites` or `saes` of a regime: normal probes them all, the others `regime_{key}` if set."""
+    """`sites` or `saes` of a regime: normal probes them all, the others `regime_{key}` if set
+    (and ood `ood_saes` if set)."""
     chosen = PROBING.get(f"regime_{key}") if regime != "normal" else None
+    if regime == "ood" and key == "saes" and PROBING.get("ood_saes") is not None:
+        chosen = PROBING["ood_saes"]
     return PROBING.get(key, []) if chosen is None else chosen
 
 
