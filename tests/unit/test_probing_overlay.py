@@ -22,13 +22,14 @@ SCHEMA = str(REPO / "workflow/schemas/config.schema.yaml")
 
 # Gemma-2-9B: 34 layer-20 SAEs + the 16k max-L0 SAEs of layers 9/31/41 = 37 SAEs, each imported,
 # evaluated, encoded once and probed in the normal regime; the three regimes probe the layer-20
-# 16k/131k/1m SAEs (3 x 3) and the layer-20 baseline only (4 + 3 baselines); 4 figures.
+# 16k/131k/1m SAEs (3 x 3) and the layer-20 baseline only (4 + 3 baselines); the OOD regime the
+# layer-20 baseline and the 131k L0 114 SAE (+1, +1); 5 figures.
 # Gemma-2-2B: 5 Gemma Scope + 6 SAEBench layer-12 SAEs, normal regime only.
 # Llama-3.1-8B: one Llama Scope SAE; 4 baseline layers + layer 16 in 3 regimes.
 EXPECTED = {
     "probing.yaml": {"import_sae": 37, "evaluate_sae": 37, "probing_dataset_table": 1,
-                     "probing_acts": 1, "probing_sae_acts": 37, "probing_baseline": 4 + 3,
-                     "probing_sae_probes": 37 + 3 * 3, "probing_figure": 4},
+                     "probing_acts": 1, "probing_sae_acts": 37, "probing_baseline": 4 + 3 + 1,
+                     "probing_sae_probes": 37 + 3 * 3 + 1, "probing_figure": 5},
     "probing_gemma2_2b.yaml": {"import_sae": 11, "evaluate_sae": 11, "probing_acts": 1,
                                "probing_sae_acts": 11, "probing_baseline": 1,
                                "probing_sae_probes": 11, "probing_figure": 1},

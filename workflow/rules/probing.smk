@@ -24,7 +24,7 @@ rule probing_acts:
     input:
         model=model_input,
     output:
-        [f"probing/acts/{{model}}/{d}.h5" for d in probing_datasets()],
+        [f"probing/acts/{{model}}/{d}.h5" for d in probing_act_names()],
     log:
         "logs/probing_acts/{model}.log",
     benchmark:
@@ -61,7 +61,7 @@ rule probing_sae_acts:
         weights="saes/{sae_id}/sae_weights.safetensors",
         acts=probing_all_acts,
     output:
-        [f"probing/sae_acts/{{sae_id}}/{d}.h5" for d in probing_datasets()],
+        [f"probing/sae_acts/{{sae_id}}/{d}.h5" for d in probing_act_names()],
     log:
         "logs/probing_sae_acts/{sae_id}.log",
     benchmark:
@@ -83,7 +83,8 @@ rule probing_sae_acts:
 
 rule probing_baseline:
     input:
-        acts=probing_all_acts,
+        acts=probing_regime_acts,
+        ood=probing_regime_ood_acts,
     output:
         table="probing/baselines/{site}/{regime}.csv",
     log:
@@ -98,6 +99,7 @@ rule probing_baseline:
         runtime=120,
     params:
         acts_args=probing_acts_list,
+        ood_args=probing_ood_args,
         layer=probing_site_layer,
         values=probing_values,
         methods=probing_methods,
@@ -111,7 +113,8 @@ rule probing_baseline:
             "probing.baselines",
         ),
     shell:
-        "python -m saeflow.probing.run baseline {params.acts_args} --site {wildcards.site}"
+        "python -m saeflow.probing.run baseline {params.acts_args} {params.ood_args}"
+        " --site {wildcards.site}"
         " --layer {params.layer} --regime {wildcards.regime} --values {params.values}"
         " --methods {params.methods} --backend {params.backend} --seed {params.seed}"
         " --threads {threads} --out {output.table} > {log} 2>&1"
@@ -119,7 +122,8 @@ rule probing_baseline:
 
 rule probing_sae_probes:
     input:
-        acts=probing_all_sae_acts,
+        acts=probing_regime_sae_acts,
+        ood=probing_regime_ood_sae_acts,
     output:
         table="probing/sae_probes/{sae_id}/{regime}.csv",
     log:
@@ -134,18 +138,22 @@ rule probing_sae_probes:
         runtime=120,
     params:
         acts_args=probing_sae_acts_list,
+        ood_args=probing_ood_args,
         layer=probing_sae_layer,
         values=probing_values,
         ks=probing_ks,
         ranking=PROBING.get("ranking", "normalized_mean_diff"),
         binarize="--binarize" if PROBING.get("binarize") else "",
+        threshold=PROBING.get("binarize_threshold", 1.0),
         backend=PROBING.get("backend", "torch"),
         seed=PROBING.get("seed", 42),
         code=code_version("probing.run", "probing.probe", "probing.engine", "probing.regimes"),
     shell:
-        "python -m saeflow.probing.run sae {params.acts_args} --sae-id {wildcards.sae_id}"
+        "python -m saeflow.probing.run sae {params.acts_args} {params.ood_args}"
+        " --sae-id {wildcards.sae_id}"
         " --layer {params.layer} --regime {wildcards.regime} --values {params.values}"
         " --ks {params.ks} --ranking {params.ranking} {params.binarize}"
+        " --binarize-threshold {params.threshold}"
         " --backend {params.backend} --seed {params.seed} --threads {threads}"
         " --out {output.table} > {log} 2>&1"
 
@@ -166,6 +174,8 @@ rule probing_figure:
         ),
     log:
         "logs/probing_figure/{regime}.log",
+    wildcard_constraints:
+        regime=alternation(REGIMES),
     conda:
         "../../envs/saeflow.yaml"
     params:
@@ -175,3 +185,97 @@ rule probing_figure:
         "python -m saeflow.probing.figures --regime {wildcards.regime} {params.args}"
         " --out-baselines {output.baselines} --out-sae {output.sae} --table {output.table}"
         " --pdf {output.pdf} > {log} 2>&1"
+
+
+rule probing_multi_acts:
+    input:
+        model=model_input,
+    output:
+        [f"probing/multi_acts/{{model}}/{d}.h5" for d in probing_multi_datasets()],
+    log:
+        "logs/probing_multi_acts/{model}.log",
+    benchmark:
+        "benchmarks/probing_multi_acts/{model}.tsv"
+    wildcard_constraints:
+        model=alternation([PROBING_MODEL] if MULTI_SITE else []),
+    conda:
+        "../../envs/saeflow.yaml"
+    threads: 2
+    resources:
+        mem_mb=model_mem_mb,
+        runtime=120,
+        gpu=1,
+    params:
+        model=model_path_param,
+        pairs=lambda wildcards, output: " ".join(
+            f"--dataset {d} --out {o}" for d, o in zip(probing_multi_datasets(), output)
+        ),
+        site=MULTI_SITE,
+        custom=probing_custom_args(),
+        max_rows=MULTI_TOKEN.get("max_rows", 300),
+        max_length=MULTI_TOKEN.get("max_length", 256),
+        batch_tokens=PROBING.get("batch_tokens", 4096),
+        dtype=model_dtype,
+        code=code_version("probing.multi_token", "probing.acts", "probing.datasets"),
+    shell:
+        "python -m saeflow.probing.multi_token acts --model {params.model}"
+        " --model-name {wildcards.model} --site {params.site} {params.pairs} {params.custom}"
+        " --max-rows {params.max_rows} --max-length {params.max_length}"
+        " --batch-tokens {params.batch_tokens} --dtype {params.dtype} --threads {threads}"
+        " --device auto > {log} 2>&1"
+
+
+rule probing_multi_token:
+    input:
+        acts=probing_multi_acts,
+        saes=probing_multi_saes,
+    output:
+        table="probing/multi_token/results.csv",
+    log:
+        "logs/probing_multi_token/results.log",
+    benchmark:
+        "benchmarks/probing_multi_token/results.tsv"
+    conda:
+        "../../envs/saeflow.yaml"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=60,
+    params:
+        acts_args=probing_acts_list,
+        sae_args=probing_multi_sae_args,
+        site=MULTI_SITE,
+        layer=probing_layer(MULTI_SITE) if MULTI_SITE else 0,
+        k=MULTI_TOKEN.get("k", 128),
+        epochs=MULTI_TOKEN.get("epochs", 1000),
+        lr=MULTI_TOKEN.get("lr", 1e-4),
+        seed=PROBING.get("seed", 42),
+        code=code_version(
+            "probing.multi_token", "probing.attention", "probing.probe", "probing.engine"
+        ),
+    shell:
+        "python -m saeflow.probing.multi_token probe {params.acts_args} --site {params.site}"
+        " --layer {params.layer} {params.sae_args} --k {params.k} --epochs {params.epochs}"
+        " --lr {params.lr} --seed {params.seed} --threads {threads} --out {output.table}"
+        " > {log} 2>&1"
+
+
+rule probing_multi_token_figure:
+    input:
+        results="probing/multi_token/results.csv",
+    output:
+        table="plots/probing/multi_token.csv",
+        pdf=report(
+            "plots/probing/multi_token.pdf",
+            caption="../report/probing_multi_token.rst",
+            category="Sparse probing",
+        ),
+    log:
+        "logs/probing_multi_token_figure/figure.log",
+    conda:
+        "../../envs/saeflow.yaml"
+    params:
+        code=code_version("probing.multi_token"),
+    shell:
+        "python -m saeflow.probing.multi_token figure --results {input.results}"
+        " --table {output.table} --pdf {output.pdf} > {log} 2>&1"

@@ -6,6 +6,8 @@
 - imbalance: positive fraction f of ``values`` in train and test (as the original), n_train =
   min(max_total - 100, 1024) where max_total is the most rows every fraction allows.
 - label_noise: the normal split with exactly int(n_train * f) training labels flipped.
+- ood: min(n, 1024) balanced training rows of the dataset (the original: 1024 of its first 1500
+  rows, ``get_OOD_traintest``), tested on every row of its OOD set (:func:`ood_split`).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import numpy as np
 SCARCITY = (2, 3, 4, 5, 7, 10, 14, 20, 28, 38, 53, 74, 103, 143, 198, 275, 382, 531, 737, 1024)
 IMBALANCE = tuple(round(f, 2) for f in np.linspace(0.05, 0.95, 19))
 LABEL_NOISE = tuple(round(f, 2) for f in np.linspace(0, 0.5, 11))
-REGIMES = ("normal", "scarcity", "imbalance", "label_noise")
+REGIMES = ("normal", "scarcity", "imbalance", "label_noise", "ood")
 
 
 class Split(NamedTuple):
@@ -28,7 +30,7 @@ class Split(NamedTuple):
     train: np.ndarray
     """Training row indices."""
     test: np.ndarray
-    """Test row indices."""
+    """Test row indices (of the OOD set in the ood regime)."""
     y_train: np.ndarray
     """Training labels as used (flipped under label noise)."""
 
@@ -93,4 +95,16 @@ def splits(y: np.ndarray, regime: str, values: tuple[float, ...] = (), seed: int
                                   pool=np.setdiff1d(np.arange(len(y)), tr))
             out.append(Split(f, tr, te, y[tr]))
         return out
+    if regime == "ood":
+        raise ValueError("the ood regime tests on another set: use ood_split")
     raise ValueError(f"unknown regime '{regime}'; expected one of {', '.join(REGIMES)}")
+
+
+def ood_split(y: np.ndarray, n_ood: int, seed: int = 42, max_train: int = 1024) -> Split:
+    """The OOD regime: a balanced draw of min(n, max_train) training rows of the in-distribution
+    labels ``y`` (no in-distribution test rows), tested on all ``n_ood`` rows of the OOD set."""
+    if n_ood < 2:
+        raise ValueError(f"an OOD set of {n_ood} rows cannot be scored; need at least 2")
+    train = balanced_indices(y, normal_train_size(y, max_train, min_test=0), 0.5,
+                             np.random.RandomState(seed))
+    return Split(0, train, np.arange(n_ood), y[train])
