@@ -206,13 +206,12 @@ def main() -> None:
                     "torch_threads": torch.get_num_threads()},
         "load_average_start": [round(v, 2) for v in load_start],
         "load_average_end": [round(v, 2) for v in os.getloadavg()],
-        "note": ("Timings under load on a shared 2-core machine (run with nice -n 19 while other "
-                 "engineers' jobs ran): wall times are upper bounds and the ratio is noisy. "
-                 "Both paths on one thread (torch.set_num_threads(1), as the probe rules run; "
-                 "sklearn's lbfgs/saga are single-threaded): on this loaded machine torch's "
-                 "2-thread default spent ~10x the CPU seconds spin-waiting. Extrapolation: mean CPU s per (dataset) sweep here x "
-                 "the paper's count, with SmolLM2's d=576 (Gemma-2-9B's d=3584 makes the L2 "
-                 "baseline ~6x dearer on both paths) and 100 test rows per dataset."),
+        "note": ("The load averages at the start and end say how busy the machine was. torch runs "
+                 "on one thread (torch.set_num_threads(1), as the probe rules run); sklearn's "
+                 "saga is single-threaded, its lbfgs path may use BLAS threads (compare CPU "
+                 "seconds). Extrapolation: mean CPU s per (dataset) sweep here x the paper's "
+                 "count, with SmolLM2's d=576 (Gemma-2-9B's d=3584 makes the L2 baseline ~6x "
+                 "dearer on both paths) and 100 test rows per dataset."),
         "data": {"datasets": args.datasets, "site": SITE, "max_rows": args.max_rows,
                  "max_length": args.max_length, "regime": "normal", "ks": args.ks,
                  "C_grid": "logspace(5, -5, 10)",
