@@ -76,3 +76,19 @@ def scratch_server() -> Iterator[str]:
             yield url
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def store_url(request: pytest.FixtureRequest, tmp_path: Path, tables: tuple[str, ...]) -> str:
+    """The feature store of a test parametrised over ``sqlite`` / ``postgres``: a fresh SQLite
+    file, or the module's scratch PostgreSQL server (its ``pg_url`` fixture) with ``tables``
+    emptied."""
+    if request.param == "sqlite":
+        return str(tmp_path / "features.sqlite")
+    from saeflow.analysis import store
+
+    url = request.getfixturevalue("pg_url")
+    s = store.open_store(url)
+    for table in tables:
+        s._exec(f"DELETE FROM {table}")
+    s.close()
+    return url

@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from pg_server import scratch_server
+from pg_server import scratch_server, store_url
 
 from saeflow.analysis import store
 
@@ -33,14 +33,7 @@ def pg_url():
 
 @pytest.fixture(params=["sqlite", "postgres"])
 def db(request, tmp_path):
-    if request.param == "sqlite":
-        return str(tmp_path / "features.sqlite")
-    url = request.getfixturevalue("pg_url")
-    s = store.open_store(url)
-    for table in ("features", "saes", "interpretations", "bookmarks"):
-        s._exec(f"DELETE FROM {table}")
-    s.close()
-    return url
+    return store_url(request, tmp_path, ("features", "saes", "interpretations", "bookmarks"))
 
 
 def test_round_trip_and_reload_replaces(db):

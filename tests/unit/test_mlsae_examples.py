@@ -9,7 +9,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from pg_server import scratch_server
+from pg_server import scratch_server, store_url
 
 from saeflow.analysis import store
 from saeflow.h5io import mark_complete
@@ -100,14 +100,7 @@ def pg_url():
 
 @pytest.fixture(params=["sqlite", "postgres"])
 def db(request, tmp_path):
-    if request.param == "sqlite":
-        return str(tmp_path / "features.sqlite")
-    url = request.getfixturevalue("pg_url")
-    s = store.open_store(url)
-    s._exec("DELETE FROM layer_examples")
-    s._exec("DELETE FROM mlsaes")
-    s.close()
-    return url
+    return store_url(request, tmp_path, ("layer_examples", "mlsaes"))
 
 
 def _row(idx: int, layer: int, rank: int, act: float) -> dict:

@@ -3,9 +3,6 @@ analyze stage into SQLite, served by a real uvicorn on 127.0.0.1, queried with h
 headless Debian Chromium through Playwright (system browser, no download)."""
 
 import os
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -15,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from sae_lens import TopKSAE, TopKSAEConfig
+from viewer_server import viewer_server
 
 from saeflow import h5io
 from saeflow.analysis import analyze, dashboard, store
@@ -45,12 +43,6 @@ def _acts_file(model_dir: Path, tmp: Path) -> Path:
     return path
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def built(packaged_model_dir, tmp_path_factory):
     """Analysis files and a loaded SQLite database of a random TopK SAE on 96 real tokens."""
@@ -77,20 +69,8 @@ def built(packaged_model_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(built):
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "saeflow.viewer", "--db",
-                             str(built / "features.sqlite"), "--port", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(300):
-        try:
-            httpx.get(url + "/api/dictionaries", timeout=1)
-            break
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    yield url
-    proc.terminate()
-    proc.wait(10)
+    with viewer_server(str(built / "features.sqlite"), "/api/dictionaries") as url:
+        yield url
 
 
 def test_analysis_documents_are_consistent(built):

@@ -6,10 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -17,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
+from viewer_server import viewer_server
 
 from saeflow.analysis import store
 from saeflow.mlsae.math import dense_codes, reconstruct
@@ -57,22 +55,8 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 @pytest.fixture(scope="module")
 def server(built: dict):
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "saeflow.viewer", "--db",
-                             str(built["root"] / "features.sqlite"), "--port", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}/api"
-    for _ in range(300):
-        try:
-            httpx.get(url + "/mlsaes", timeout=1)
-            break
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    yield httpx.Client(base_url=url, timeout=120)
-    proc.terminate()
-    proc.wait(10)
+    with viewer_server(str(built["root"] / "features.sqlite"), "/api/mlsaes") as url:
+        yield httpx.Client(base_url=url + "/api", timeout=120)
 
 
 def _residuals(built: dict) -> torch.Tensor:
