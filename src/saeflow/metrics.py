@@ -79,8 +79,12 @@ class ReconstructionStats:
 
 def next_token_ce(logits: Tensor, tokens: Tensor) -> Tensor:
     """Per-token next-token cross-entropy: logits [b, t, v], tokens [b, t] -> [b, t-1]."""
-    logp = torch.log_softmax(logits[:, :-1].double(), dim=-1)
-    return -logp.gather(-1, tokens[:, 1:, None].long()).squeeze(-1)
+    return next_token_nll(torch.log_softmax(logits[:, :-1].double(), dim=-1), tokens)
+
+
+def next_token_nll(logp: Tensor, tokens: Tensor) -> Tensor:
+    """:func:`next_token_ce` from log-probabilities already computed: logp [b, t or t-1, v]."""
+    return -logp[:, : tokens.shape[1] - 1].gather(-1, tokens[:, 1:, None].long()).squeeze(-1)
 
 
 def kl_per_token(clean_logits: Tensor, patched_logits: Tensor) -> Tensor:

@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from saeflow import h5io
 from saeflow.device import DEVICE_HELP, resolve_device
-from saeflow.metrics import ReconstructionStats
+from saeflow.metrics import ReconstructionStats, next_token_nll
 from saeflow.mlsae.math import (
     dense_codes,
     layer_dists,
@@ -102,12 +102,12 @@ def spliced_losses(sae: LoadedMLSAE, model, layers: list[int], tokens: np.ndarra
             # the clean log-probabilities once per batch, float64 as in saeflow.metrics
             logp = torch.log_softmax(model(ids).logits.double(), dim=-1)
             p_clean = logp.exp()
-            ce_clean = float(_next_token_nll(logp, ids)[:, skip:].sum())
+            ce_clean = float(next_token_nll(logp, ids)[:, skip:].sum())
             for module, out in zip(modules, sums):
                 logq = torch.log_softmax(
                     spliced_logits(model, module, ids, skip, splice).double(), dim=-1)
                 out["ce_clean"] += ce_clean
-                out["ce_spliced"] += float(_next_token_nll(logq, ids)[:, skip:].sum())
+                out["ce_spliced"] += float(next_token_nll(logq, ids)[:, skip:].sum())
                 kl = (p_clean * (logp - logq)).sum(dim=-1)  # KL(clean || spliced) per position
                 out["kl"] += float(kl[:, skip:-1].sum())
             n += ids.shape[0] * (ids.shape[1] - 1 - skip)
@@ -117,12 +117,6 @@ def spliced_losses(sae: LoadedMLSAE, model, layers: list[int], tokens: np.ndarra
         mean["delta_ce"] = mean["ce_spliced"] - mean["ce_clean"]
         results.append(mean)
     return results
-
-
-def _next_token_nll(logp: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """Next-token negative log-likelihood from log-probabilities [b, t, v] -> [b, t-1]
-    (:func:`saeflow.metrics.next_token_ce` without recomputing the softmax)."""
-    return -logp[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)
 
 
 def _parser() -> argparse.ArgumentParser:
