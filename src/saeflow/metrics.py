@@ -15,6 +15,7 @@ so that a streamed result equals the one computed on all rows at once.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -77,9 +78,39 @@ class ReconstructionStats:
         }
 
 
+#: The float64 log-softmax runs over at most this many logits at a time (16 MiB). glibc hands
+#: out blocks over 32 MiB as fresh pages on every call, and on the 2-core test machine faulting
+#: them in cost as much as the arithmetic (half of an ``evaluate_sae`` job was system time).
+SLICE_ELEMENTS = 1 << 21
+
+
+def prediction_slices(shape: Sequence[int]) -> Iterator[tuple[int, slice]]:
+    """(row, positions) blocks that cover the predictions [b, t-1] of logits of ``shape``
+    [b, t, v], each at most :data:`SLICE_ELEMENTS` logits (and at least one position)."""
+    b, t, v = shape
+    step = max(1, SLICE_ELEMENTS // v)
+    for row in range(b):
+        for start in range(0, t - 1, step):
+            yield row, slice(start, min(start + step, t - 1))
+
+
+def log_probs(logits: Tensor) -> Tensor:
+    """Float64 log-softmax of the predicting positions: logits [b, t, v] -> [b, t-1, v]."""
+    b, t, v = logits.shape
+    out = torch.empty(b, t - 1, v, dtype=torch.float64, device=logits.device)
+    for row, pos in prediction_slices(logits.shape):
+        out[row, pos] = torch.log_softmax(logits[row, pos].double(), dim=-1)
+    return out
+
+
 def next_token_ce(logits: Tensor, tokens: Tensor) -> Tensor:
-    """Per-token next-token cross-entropy: logits [b, t, v], tokens [b, t] -> [b, t-1]."""
-    return next_token_nll(torch.log_softmax(logits[:, :-1].double(), dim=-1), tokens)
+    """Per-token next-token cross-entropy (float64): logits [b, t, v], tokens [b, t] -> [b, t-1]."""
+    b, t, _ = logits.shape
+    out = torch.empty(b, t - 1, dtype=torch.float64, device=logits.device)
+    for row, pos in prediction_slices(logits.shape):
+        logp = torch.log_softmax(logits[row, pos].double(), dim=-1)
+        out[row, pos] = _nll(logp, tokens[row, pos.start + 1 : pos.stop + 1])
+    return out
 
 
 def next_token_nll(logp: Tensor, tokens: Tensor) -> Tensor:
@@ -87,11 +118,24 @@ def next_token_nll(logp: Tensor, tokens: Tensor) -> Tensor:
     return -logp[:, : tokens.shape[1] - 1].gather(-1, tokens[:, 1:, None].long()).squeeze(-1)
 
 
-def kl_per_token(clean_logits: Tensor, patched_logits: Tensor) -> Tensor:
-    """KL(clean || patched) per position: [b, t, v] each -> [b, t]."""
-    logp = torch.log_softmax(clean_logits.double(), dim=-1)
-    logq = torch.log_softmax(patched_logits.double(), dim=-1)
-    return (logp.exp() * (logp - logq)).sum(dim=-1)
+def spliced_ce_kl(clean_logp: Tensor, spliced_logits: Tensor, tokens: Tensor) -> tuple[Tensor, Tensor]:
+    """Per prediction, the next-token CE of ``spliced_logits`` [b, t, v] and KL(clean || spliced),
+    each [b, t-1] float64; ``clean_logp`` is :func:`log_probs` of the clean logits, so a batch
+    with several splices computes it once."""
+    b, t, _ = spliced_logits.shape
+    ce = torch.empty(b, t - 1, dtype=torch.float64, device=spliced_logits.device)
+    kl = torch.empty_like(ce)
+    for row, pos in prediction_slices(spliced_logits.shape):
+        logq = torch.log_softmax(spliced_logits[row, pos].double(), dim=-1)
+        logp = clean_logp[row, pos]
+        ce[row, pos] = _nll(logq, tokens[row, pos.start + 1 : pos.stop + 1])
+        kl[row, pos] = (logp.exp() * (logp - logq)).sum(dim=-1)
+    return ce, kl
+
+
+def _nll(logp: Tensor, targets: Tensor) -> Tensor:
+    """-logp[i, targets[i]]: logp [n, v], targets [n] -> [n]."""
+    return -logp.gather(-1, targets[:, None].long()).squeeze(-1)
 
 
 def recovered_score(clean: float, patched: float, ablated: float) -> float:

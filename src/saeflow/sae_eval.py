@@ -36,7 +36,13 @@ from tqdm import tqdm
 
 from saeflow import h5io
 from saeflow.device import DEVICE_HELP, resolve_device
-from saeflow.metrics import ReconstructionStats, kl_per_token, next_token_ce, recovered_score
+from saeflow.metrics import (
+    ReconstructionStats,
+    log_probs,
+    next_token_nll,
+    recovered_score,
+    spliced_ce_kl,
+)
 from saeflow.models import load_model, resolve_site, spliced_logits
 from saeflow.saes import load_sae
 
@@ -158,14 +164,13 @@ def downstream_loss(sae, model, site: str, tokens: np.ndarray, skip: int, batch_
         for start in range(0, len(tokens), batch_size):
             ids = torch.from_numpy(tokens[start : start + batch_size].astype(np.int64))
             ids = ids.to(model.device)
-            clean = model(ids).logits
-            patched = spliced_logits(model, module, ids, skip, sae)
-            ablated = spliced_logits(model, module, ids, skip, torch.zeros_like)
             # next-token loss at position p predicts token p+1; count predictions made at p >= skip
-            for key, logits in [("clean", clean), ("sae", patched), ("ablated", ablated)]:
-                sums[f"ce_{key}"] += float(next_token_ce(logits, ids)[:, skip:].sum())
-            sums["kl_sae"] += float(kl_per_token(clean, patched)[:, skip:-1].sum())
-            sums["kl_ablated"] += float(kl_per_token(clean, ablated)[:, skip:-1].sum())
+            logp = log_probs(model(ids).logits)
+            sums["ce_clean"] += float(next_token_nll(logp, ids)[:, skip:].sum())
+            for key, replace in [("sae", sae), ("ablated", torch.zeros_like)]:
+                ce, kl = spliced_ce_kl(logp, spliced_logits(model, module, ids, skip, replace), ids)
+                sums[f"ce_{key}"] += float(ce[:, skip:].sum())
+                sums[f"kl_{key}"] += float(kl[:, skip:].sum())
             n += ids.shape[0] * (ids.shape[1] - 1 - skip)
     means = {key: value / n for key, value in sums.items()}
     means["ce_loss_score"] = recovered_score(means["ce_clean"], means["ce_sae"], means["ce_ablated"])

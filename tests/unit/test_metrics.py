@@ -1,16 +1,20 @@
 """Metrics against float64 numpy references written from the definitions."""
 
 import numpy as np
+import pytest
 import torch
 
+from saeflow import metrics
 from saeflow.metrics import (
     ReconstructionStats,
     fvu,
-    kl_per_token,
     l0,
+    log_probs,
     mse,
     next_token_ce,
+    next_token_nll,
     recovered_score,
+    spliced_ce_kl,
 )
 
 
@@ -51,20 +55,32 @@ def test_l0_counts_nonzero_latents():
     assert l0(latents).tolist() == [2, 0, 4]
 
 
-def test_next_token_ce_and_kl_match_reference():
+@pytest.mark.parametrize("slice_elements", [1 << 21, 16, 3])
+def test_next_token_ce_and_kl_match_reference(monkeypatch, slice_elements):
+    # 16 logits per slice cuts each row of 4 predictions over a vocabulary of 7 into blocks
+    # of 2 positions; 3 (< v) falls back to one position per block
+    monkeypatch.setattr(metrics, "SLICE_ELEMENTS", slice_elements)
     rng = np.random.default_rng(2)
     logits = rng.normal(size=(2, 5, 7))
     tokens = rng.integers(0, 7, size=(2, 5))
     logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
     ref_ce = -np.take_along_axis(logp[:, :-1], tokens[:, 1:, None], -1)[..., 0]
-    ce = next_token_ce(torch.tensor(logits), torch.tensor(tokens))
-    np.testing.assert_allclose(ce.numpy(), ref_ce, rtol=1e-12)
+    ce = next_token_ce(torch.tensor(logits, dtype=torch.float32), torch.tensor(tokens))
+    assert ce.dtype == torch.float64 and ce.shape == (2, 4)
+    np.testing.assert_allclose(ce.numpy(), ref_ce, rtol=1e-6)  # float32 logits in
+    clean_logp = log_probs(torch.tensor(logits))
+    np.testing.assert_allclose(clean_logp.numpy(), logp[:, :-1], rtol=1e-12)
+    np.testing.assert_allclose(next_token_nll(clean_logp, torch.tensor(tokens)).numpy(), ref_ce,
+                               rtol=1e-12)
     other = logits + rng.normal(size=logits.shape)
     logq = other - np.log(np.exp(other).sum(-1, keepdims=True))
-    ref_kl = (np.exp(logp) * (logp - logq)).sum(-1)
-    np.testing.assert_allclose(kl_per_token(torch.tensor(logits), torch.tensor(other)).numpy(),
-                               ref_kl, rtol=1e-10)
-    assert kl_per_token(torch.tensor(logits), torch.tensor(logits)).abs().max() < 1e-12
+    ref_kl = (np.exp(logp) * (logp - logq)).sum(-1)[:, :-1]
+    ref_ce_other = -np.take_along_axis(logq[:, :-1], tokens[:, 1:, None], -1)[..., 0]
+    ce_other, kl = spliced_ce_kl(clean_logp, torch.tensor(other), torch.tensor(tokens))
+    np.testing.assert_allclose(kl.numpy(), ref_kl, rtol=1e-10)
+    np.testing.assert_allclose(ce_other.numpy(), ref_ce_other, rtol=1e-12)
+    _, kl_self = spliced_ce_kl(clean_logp, torch.tensor(logits), torch.tensor(tokens))
+    assert kl_self.abs().max() < 1e-12
 
 
 def test_recovered_score_endpoints():

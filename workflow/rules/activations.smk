@@ -23,7 +23,7 @@ for _model in config["models"]:
             model=re.escape(_model),
         conda:
             "../../envs/saeflow.yaml"
-        threads: 2
+        threads: THREADS
         resources:
             mem_mb=model_mem_mb,
             runtime=120,
@@ -56,7 +56,7 @@ rule lm_loss:
         "benchmarks/lm_loss/{model}/{corpus}.tsv"
     conda:
         "../../envs/saeflow.yaml"
-    threads: 2
+    threads: THREADS
     resources:
         mem_mb=model_mem_mb,
         runtime=120,

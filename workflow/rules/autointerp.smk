@@ -54,7 +54,7 @@ rule train_error_sae:
         component=alternation(AI_COMPONENTS),
     conda:
         "../../envs/saeflow.yaml"
-    threads: 2
+    threads: THREADS
     resources:
         mem_mb=8000,
         runtime=240,

@@ -17,6 +17,7 @@ TRAINED = sorted(i for i, s in SAES.items() if s["kind"] == "trained")
 PRETRAINED = sorted(i for i, s in SAES.items() if s["kind"] == "pretrained")
 PACKAGED = sorted(m for m, spec in config["models"].items() if spec["path"] == "packaged")
 EVAL_CORPUS = config["evaluation"]["corpus"]
+THREADS = config["threads"]  # what each heavy job claims (schema: threads)
 
 
 workdir: os.path.join(REPO, config["workdir"])

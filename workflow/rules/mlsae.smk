@@ -22,7 +22,7 @@ rule cache_mlsae_activations:
         corpus=alternation([MLSAE["corpus"], MLSAE["eval_corpus"]] if MLSAES else []),
     conda:
         "../../envs/saeflow.yaml"
-    threads: 2
+    threads: THREADS
     resources:
         mem_mb=mlsae_model_mem_mb,
         runtime=120,
@@ -59,7 +59,7 @@ rule train_mlsae:
         mlsae_id=alternation(MLSAE_TRAINED + MLSAE_BASELINE_IDS),
     conda:
         "../../envs/saeflow.yaml"
-    threads: 2
+    threads: THREADS
     resources:
         mem_mb=8000,
         runtime=240,
@@ -120,7 +120,7 @@ rule evaluate_mlsae:
         mlsae_id=alternation(sorted(MLSAES)),
     conda:
         "../../envs/saeflow.yaml"
-    threads: 2
+    threads: THREADS
     resources:
         mem_mb=mlsae_model_mem_mb,
         runtime=60,
@@ -161,7 +161,7 @@ rule evaluate_mlsae_baseline:
         mlsae_id=alternation(MLSAE_BASELINE_IDS),
     conda:
         "../../envs/saeflow.yaml"
-    threads: 2
+    threads: THREADS
     resources:
         mem_mb=mlsae_model_mem_mb,
         runtime=60,
@@ -316,7 +316,7 @@ rule mlsae_similarities:
         "benchmarks/mlsae_similarities/similarities.tsv"
     conda:
         "../../envs/saeflow.yaml"
-    threads: 2
+    threads: THREADS
     resources:
         mem_mb=mlsae_model_mem_mb,
         runtime=60,

@@ -33,7 +33,7 @@ rule probing_acts:
         model=alternation([PROBING_MODEL] if PROBING_MODEL else []),
     conda:
         "../../envs/saeflow.yaml"
-    threads: 2
+    threads: THREADS
     resources:
         mem_mb=model_mem_mb,
         runtime=240,
@@ -200,7 +200,7 @@ rule probing_multi_acts:
         model=alternation([PROBING_MODEL] if MULTI_SITE else []),
     conda:
         "../../envs/saeflow.yaml"
-    threads: 2
+    threads: THREADS
     resources:
         mem_mb=model_mem_mb,
         runtime=120,

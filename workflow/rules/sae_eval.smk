@@ -17,7 +17,7 @@ rule evaluate_sae:
         "benchmarks/evaluate_sae/{sae_id}/{corpus}.tsv"
     conda:
         "../../envs/saeflow.yaml"
-    threads: 2
+    threads: THREADS
     resources:
         mem_mb=sae_model_mem_mb,
         runtime=60,

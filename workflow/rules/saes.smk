@@ -16,7 +16,7 @@ rule train_sae:
         sae_id=alternation(TRAINED),
     conda:
         "../../envs/saeflow.yaml"
-    threads: 2
+    threads: THREADS
     resources:
         mem_mb=8000,
         runtime=240,

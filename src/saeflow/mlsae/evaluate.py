@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from saeflow import h5io
 from saeflow.device import DEVICE_HELP, resolve_device
-from saeflow.metrics import ReconstructionStats, next_token_nll
+from saeflow.metrics import ReconstructionStats, log_probs, next_token_nll, spliced_ce_kl
 from saeflow.mlsae.math import (
     dense_codes,
     layer_dists,
@@ -99,17 +99,13 @@ def spliced_losses(sae: LoadedMLSAE, model, layers: list[int], tokens: np.ndarra
         for start in range(0, len(tokens), batch_size):
             ids = torch.from_numpy(tokens[start : start + batch_size].astype(np.int64))
             ids = ids.to(model.device)
-            # the clean log-probabilities once per batch, float64 as in saeflow.metrics
-            logp = torch.log_softmax(model(ids).logits.double(), dim=-1)
-            p_clean = logp.exp()
+            logp = log_probs(model(ids).logits)  # the clean pass once per batch
             ce_clean = float(next_token_nll(logp, ids)[:, skip:].sum())
             for module, out in zip(modules, sums):
-                logq = torch.log_softmax(
-                    spliced_logits(model, module, ids, skip, splice).double(), dim=-1)
+                ce, kl = spliced_ce_kl(logp, spliced_logits(model, module, ids, skip, splice), ids)
                 out["ce_clean"] += ce_clean
-                out["ce_spliced"] += float(next_token_nll(logq, ids)[:, skip:].sum())
-                kl = (p_clean * (logp - logq)).sum(dim=-1)  # KL(clean || spliced) per position
-                out["kl"] += float(kl[:, skip:-1].sum())
+                out["ce_spliced"] += float(ce[:, skip:].sum())
+                out["kl"] += float(kl[:, skip:].sum())  # KL(clean || spliced) per prediction
             n += ids.shape[0] * (ids.shape[1] - 1 - skip)
     results = []
     for out in sums:
