@@ -25,10 +25,11 @@ import math
 import os
 import sys
 import time
+from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -195,8 +196,18 @@ LOG_COLUMNS: list[str] = [
 ]
 
 
+class Batches(Protocol):
+    """A resumable source of [n_layers, B, d] batches: :class:`LayerBatches` (cached files) or
+    :class:`saeflow.mlsae.stream.ModelLayerBatches` (computed on the fly)."""
+
+    def __next__(self) -> Tensor: ...
+    def state_dict(self) -> Any: ...
+    def load_state_dict(self, state: Any) -> None: ...
+    def close(self) -> None: ...
+
+
 def train_mlsae(
-    acts_paths: list[str],
+    source: Sequence[str] | Batches,
     out_dir: str | os.PathLike[str],
     cfg: MLSAETrainConfig,
     checkpoint_dir: str | os.PathLike[str],
@@ -204,17 +215,21 @@ def train_mlsae(
     *,
     stop_after_steps: int | None = None,
 ) -> dict[str, Any]:
-    """Train (or resume) an MLSAE on one activations file per layer; write ``out_dir``.
+    """Train (or resume) an MLSAE on ``source`` (one activations file per layer, or a
+    :class:`Batches`, which the call closes); write ``out_dir``.
 
     A checkpoint of the same configuration in ``checkpoint_dir`` is resumed; the result is then
     bitwise identical to an uninterrupted run (same machine, same thread count). The CSV log is
     ``<out_dir>.train_log.csv``. ``stop_after_steps`` ends early after checkpointing (tests).
     """
-    if len(acts_paths) != len(cfg.layers):
-        raise ValueError(f"{len(acts_paths)} activations files for {len(cfg.layers)} layers")
+    if isinstance(source, (list, tuple)):
+        if len(source) != len(cfg.layers):
+            raise ValueError(f"{len(source)} activations files for {len(cfg.layers)} layers")
+        batches: Batches = LayerBatches(list(source), cfg)
+    else:
+        batches = source
     out_dir, ckpt = Path(out_dir), Path(checkpoint_dir) / CHECKPOINT_FILE
     log_path = out_dir.with_name(out_dir.name + ".train_log.csv")
-    batches = LayerBatches(acts_paths, cfg)
     try:
         state, first = _resume(ckpt, cfg, batches), None
         if state is None:
@@ -236,7 +251,7 @@ def train_mlsae(
     return stats
 
 
-def _loop(state: TrainState, batches: LayerBatches, first: Tensor | None,
+def _loop(state: TrainState, batches: Batches, first: Tensor | None,
           cfg: MLSAETrainConfig, ckpt: Path, rows: list[dict[str, Any]], end: int,
           progress: bool) -> None:
     sums: dict[str, float] = dict.fromkeys(("loss", "fvu", "auxk_loss", "l0"), 0.0)
@@ -285,17 +300,19 @@ def _write_log(path: Path, rows: list[dict[str, Any]]) -> None:
         writer.writerows(rows)
 
 
-def _resume_key(cfg: MLSAETrainConfig) -> dict[str, Any]:
+def _resume_key(cfg: MLSAETrainConfig, batches: Batches) -> dict[str, Any]:
+    """What a checkpoint must match to be resumed: the config (less what may change) and the
+    kind of batch source (cached files and on-the-fly streams keep different positions)."""
     key = asdict(cfg)
     for name in ("total_tokens", "checkpoint_every_steps", "log_every_steps", "device"):
         del key[name]
-    return key
+    return {**key, "source": type(batches).__name__}
 
 
-def save_checkpoint(path: Path, state: TrainState, batches: LayerBatches,
+def save_checkpoint(path: Path, state: TrainState, batches: Batches,
                     cfg: MLSAETrainConfig) -> None:
     """Atomically write params, Adam state, step, firing counters and stream positions."""
-    payload = {"format": CHECKPOINT_FORMAT, "config": _resume_key(cfg),
+    payload = {"format": CHECKPOINT_FORMAT, "config": _resume_key(cfg, batches),
                "state": state.state_dict(), "batches": batches.state_dict(),
                "saeflow_version": __version__}
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -303,11 +320,11 @@ def save_checkpoint(path: Path, state: TrainState, batches: LayerBatches,
         torch.save(payload, tmp)
 
 
-def _resume(path: Path, cfg: MLSAETrainConfig, batches: LayerBatches) -> TrainState | None:
+def _resume(path: Path, cfg: MLSAETrainConfig, batches: Batches) -> TrainState | None:
     if not path.exists():
         return None
     payload = torch.load(path, map_location=cfg.device, weights_only=True)
-    if payload.get("format") != CHECKPOINT_FORMAT or payload.get("config") != _resume_key(cfg):
+    if payload.get("format") != CHECKPOINT_FORMAT or payload.get("config") != _resume_key(cfg, batches):
         print(f"{path}: checkpoint is for a different configuration; starting afresh",
               file=sys.stderr)
         return None
