@@ -46,7 +46,7 @@ rule cache_mlsae_activations:
 
 rule train_mlsae:
     input:
-        acts=mlsae_train_acts,
+        unpack(mlsae_train_inputs),
     output:
         cfg="mlsae/saes/{mlsae_id}/cfg.json",
         weights="mlsae/saes/{mlsae_id}/sae_weights.safetensors",
@@ -65,13 +65,16 @@ rule train_mlsae:
         runtime=240,
         gpu=1,
     params:
+        source=mlsae_train_source,
         args=mlsae_train_args,
         layers=mlsae_layer_args,
         model=MLSAE.get("model"),
         corpus=MLSAE.get("corpus"),
-        code=code_version("mlsae.train", "mlsae.trainer", "mlsae.math", "batches", "topk"),
+        code=code_version(
+            "mlsae.train", "mlsae.trainer", "mlsae.math", "mlsae.stream", "batches", "topk"
+        ),
     shell:
-        "python -m saeflow.mlsae.train --acts {input.acts} --layers {params.layers}"
+        "python -m saeflow.mlsae.train {params.source} --layers {params.layers}"
         " --out mlsae/saes/{wildcards.mlsae_id}"
         " --checkpoint-dir checkpoints/mlsae/{wildcards.mlsae_id} {params.args}"
         " --model-name {params.model} --dataset {params.corpus} --threads {threads}"

@@ -54,8 +54,26 @@ def mlsae_id_acts(sae_id, corpus):
     ]
 
 
-def mlsae_train_acts(wildcards):
-    return mlsae_id_acts(wildcards.mlsae_id, MLSAE["corpus"])
+def mlsae_train_inputs(wildcards):
+    """Cached activations of every layer read, or (on the fly) the model and tokens."""
+    if MLSAE["train_activations"] == "on_the_fly":
+        return {
+            "model": mlsae_model_files(wildcards),
+            "tokens": f"data/tokens/{MLSAE['corpus']}.h5",
+        }
+    return {"acts": mlsae_id_acts(wildcards.mlsae_id, MLSAE["corpus"])}
+
+
+def mlsae_train_source(wildcards, input):
+    """The training command's batch source flags (see mlsae_train_inputs)."""
+    if MLSAE["train_activations"] == "on_the_fly":
+        return (
+            f"--model {mlsae_model_path(wildcards)} --tokens-file {input.tokens}"
+            f" --skip-positions {config['activations']['skip_positions']}"
+            f" --seqs-per-pass {MLSAE['seqs_per_pass']}"
+            f" --dtype {config['models'][MLSAE['model']]['dtype']}"
+        )
+    return f"--acts {' '.join(input.acts)}"
 
 
 def mlsae_eval_acts(wildcards):

@@ -1,7 +1,10 @@
-"""Stage: train one MLSAE on cached per-layer activations.
+"""Stage: train one MLSAE on cached per-layer activations, or on activations computed on the fly.
 
 ``python -m saeflow.mlsae.train --acts L0.h5 L1.h5 ... --layers 0 1 ... --out DIR
 --checkpoint-dir CK --expansion-factor R --k K --tokens N``
+
+With ``--model DIR --tokens-file T.h5`` instead of ``--acts``, each batch comes from the model
+run on the tokens as training goes (:mod:`saeflow.mlsae.stream`); nothing is cached.
 
 Writes ``DIR`` in both layouts (:mod:`saeflow.mlsae.trainer`) and ``DIR.train_log.csv``.
 The tuned-lens variant of the original (``--tuned_lens``) is not implemented: no tuned lens for
@@ -16,15 +19,24 @@ from collections.abc import Sequence
 import h5py
 import torch
 
+from saeflow import h5io
 from saeflow.device import DEVICE_HELP, resolve_device
 from saeflow.h5io import InputFileError
+from saeflow.mlsae.stream import ModelLayerBatches
 from saeflow.mlsae.trainer import MLSAETrainConfig, default_lr, train_mlsae
+from saeflow.models import load_model
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m saeflow.mlsae.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--acts", nargs="+", required=True, help="one activations file per layer")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--acts", nargs="+", help="one activations file per layer")
+    source.add_argument("--model", help="model folder or id: compute activations on the fly")
+    p.add_argument("--tokens-file", help="with --model: the training tokens file")
+    p.add_argument("--skip-positions", type=int, default=1, help="with --model: leading positions left out")
+    p.add_argument("--seqs-per-pass", type=int, default=32, help="with --model: sequences per forward")
+    p.add_argument("--dtype", default="float32", help="with --model: the model's dtype")
     p.add_argument("--layers", nargs="+", type=int, required=True, help="their layer indices")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--checkpoint-dir", required=True, help="resumable checkpoints")
@@ -49,14 +61,26 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> dict:
     args = _parser().parse_args(argv)
-    if len(args.acts) != len(args.layers):
-        raise SystemExit(f"--acts gives {len(args.acts)} files for {len(args.layers)} --layers")
     if args.threads:
         torch.set_num_threads(args.threads)
-    with h5py.File(args.acts[0], "r") as h5:
-        if "acts" not in h5 or h5["acts"].ndim != 2:  # type: ignore[union-attr]
-            raise InputFileError(f"{args.acts[0]}: no 2-D dataset 'acts'")
-        d = int(h5["acts"].shape[1])  # type: ignore[union-attr]
+    device = str(resolve_device(args.device))
+    if args.acts:
+        if len(args.acts) != len(args.layers):
+            raise SystemExit(f"--acts gives {len(args.acts)} files for {len(args.layers)} --layers")
+        with h5py.File(args.acts[0], "r") as h5:
+            if "acts" not in h5 or h5["acts"].ndim != 2:  # type: ignore[union-attr]
+                raise InputFileError(f"{args.acts[0]}: no 2-D dataset 'acts'")
+            d = int(h5["acts"].shape[1])  # type: ignore[union-attr]
+        source: list[str] | ModelLayerBatches = args.acts
+    else:
+        if not args.tokens_file:
+            raise SystemExit("--model needs --tokens-file (the training tokens)")
+        model, _ = load_model(args.model, dtype=args.dtype, device=device)
+        with h5io.open_checked(args.tokens_file, datasets={"tokens": (None, None)}) as f:
+            tokens = f["tokens"][:]  # type: ignore[index]
+        d = int(model.config.hidden_size)
+        source = ModelLayerBatches(model, tokens, args.layers, args.batch_size, args.seed,
+                                   args.seqs_per_pass, args.skip_positions)
     d_sae = args.expansion_factor * d
     cfg = MLSAETrainConfig(
         d_in=d, d_sae=d_sae, k=args.k, layers=args.layers, total_tokens=args.tokens,
@@ -65,8 +89,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         dead_tokens_threshold=args.dead_tokens, standardise=not args.no_standardise,
         seed=args.seed, buffer_tokens=args.buffer_tokens,
         checkpoint_every_steps=args.checkpoint_every, model_name=args.model_name,
-        dataset=args.dataset, device=str(resolve_device(args.device)))
-    stats = train_mlsae(args.acts, args.out, cfg, args.checkpoint_dir)
+        dataset=args.dataset, device=device)
+    stats = train_mlsae(source, args.out, cfg, args.checkpoint_dir)
     print(stats)
     return stats
 

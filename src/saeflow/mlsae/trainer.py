@@ -202,7 +202,7 @@ class Batches(Protocol):
 
     def __next__(self) -> Tensor: ...
     def state_dict(self) -> Any: ...
-    def load_state_dict(self, state: Any) -> None: ...
+    def load_state_dict(self, state: Any, /) -> None: ...
     def close(self) -> None: ...
 
 
@@ -222,7 +222,7 @@ def train_mlsae(
     bitwise identical to an uninterrupted run (same machine, same thread count). The CSV log is
     ``<out_dir>.train_log.csv``. ``stop_after_steps`` ends early after checkpointing (tests).
     """
-    if isinstance(source, (list, tuple)):
+    if isinstance(source, Sequence):
         if len(source) != len(cfg.layers):
             raise ValueError(f"{len(source)} activations files for {len(cfg.layers)} layers")
         batches: Batches = LayerBatches(list(source), cfg)
