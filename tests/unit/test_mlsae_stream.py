@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -40,10 +41,14 @@ def tokens() -> np.ndarray:
 
 def _reference(model: LlamaForCausalLM, tokens: np.ndarray) -> torch.Tensor:
     """[L, n_seq * (ctx - skip), d]: each decoder layer's output, read with plain forward hooks."""
-    outputs = {}
-    hooks = [model.model.layers[layer].register_forward_hook(
-        lambda _m, _i, out, layer=layer: outputs.__setitem__(
-            layer, out[0] if isinstance(out, tuple) else out)) for layer in LAYERS]
+    outputs: dict[int, torch.Tensor] = {}
+
+    def saver(layer: int):
+        def save(_module: Any, _inputs: Any, out: Any) -> None:
+            outputs[layer] = out[0] if isinstance(out, tuple) else out
+        return save
+
+    hooks = [model.model.layers[layer].register_forward_hook(saver(layer)) for layer in LAYERS]
     with torch.no_grad():
         model(torch.from_numpy(tokens))
     for hook in hooks:

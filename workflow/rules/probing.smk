@@ -187,6 +187,37 @@ rule probing_figure:
         " --pdf {output.pdf} > {log} 2>&1"
 
 
+rule probing_sweeps:
+    input:
+        baselines="tables/probing/normal/baseline_results.csv",
+        sae="tables/probing/normal/all_metrics.csv",
+    output:
+        k_table="plots/probing/k_vs_auc.csv",
+        k_pdf=report(
+            "plots/probing/k_vs_auc.pdf",
+            caption="../report/probing_sweeps.rst",
+            category="Sparse probing",
+            labels={"figure": "k vs AUC"},
+        ),
+        layer_table="plots/probing/by_layer.csv",
+        layer_pdf=report(
+            "plots/probing/by_layer.pdf",
+            caption="../report/probing_sweeps.rst",
+            category="Sparse probing",
+            labels={"figure": "methods by layer"},
+        ),
+    log:
+        "logs/probing_sweeps/normal.log",
+    conda:
+        "../../envs/saeflow.yaml"
+    params:
+        code=code_version("probing.sweeps"),
+    shell:
+        "python -m saeflow.probing.sweeps --baselines {input.baselines} --sae {input.sae}"
+        " --k-table {output.k_table} --k-pdf {output.k_pdf}"
+        " --layer-table {output.layer_table} --layer-pdf {output.layer_pdf} > {log} 2>&1"
+
+
 rule probing_multi_acts:
     input:
         model=model_input,

@@ -170,6 +170,11 @@ def probing_targets():
     return (
         ["tables/probing_datasets.csv"]
         + [f"plots/probing/{r}.pdf" for r in probing_regimes()]
+        + (
+            ["plots/probing/k_vs_auc.pdf", "plots/probing/by_layer.pdf"]
+            if "normal" in probing_regimes()
+            else []
+        )
         + probing_multi_targets()
     )
 
