@@ -23,6 +23,7 @@ from collections.abc import Sequence
 
 import pandas as pd
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from saeflow.figures.pdf import read_table, save_pdf
 from saeflow.h5io import atomic_path
@@ -94,6 +95,7 @@ def draw_layers(table: pd.DataFrame):
         share.set_ylabel("share of datasets best by val. AUC")
         for ax in (auc, share):
             ax.set_xlabel("layer")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         auc.legend(fontsize="small")
     return paint
 
