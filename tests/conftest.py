@@ -22,6 +22,7 @@ if importlib.util.find_spec("saeflow") is None:  # not pip-installed: test the c
 import numpy as np
 import pytest
 import torch
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from saeflow.models import convert_packaged
 
@@ -88,3 +89,12 @@ def page():
         pg = browser.new_page(viewport={"width": 1200, "height": 1400})
         yield pg
         browser.close()
+
+
+@pytest.fixture(scope="module")
+def tiny_lm() -> LlamaForCausalLM:
+    """A random 3-layer Llama (vocab 64, d 16), seeded: for splicing and capture tests."""
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=3,
+                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32)
+    return LlamaForCausalLM(cfg).eval()

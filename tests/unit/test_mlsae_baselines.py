@@ -14,7 +14,6 @@ import pytest
 import torch
 import yaml
 from test_mlsae_train import multilayer_toy, write_layers
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from saeflow.metrics import next_token_ce
 from saeflow.mlsae.baselines import CompareError, compare
@@ -87,14 +86,6 @@ def _perfect_sae(d: int) -> TopKParams:
     eye = torch.eye(d)
     return TopKParams(torch.cat([eye, -eye], 1), torch.zeros(2 * d), torch.cat([eye, -eye]),
                       torch.zeros(d))
-
-
-@pytest.fixture(scope="module")
-def tiny_lm() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=3,
-                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32)
-    return LlamaForCausalLM(cfg).eval()
 
 
 def test_spliced_losses_of_a_perfect_and_a_null_reconstruction(tiny_lm) -> None:

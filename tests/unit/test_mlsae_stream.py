@@ -16,7 +16,7 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from saeflow.mlsae.stream import ModelLayerBatches
 from saeflow.mlsae.trainer import MLSAETrainConfig, train_mlsae
@@ -24,14 +24,6 @@ from saeflow.mlsae.trainer import MLSAETrainConfig, train_mlsae
 REPO = Path(__file__).resolve().parents[2]
 LAYERS = [0, 2]
 N_SEQ, CTX, SKIP = 6, 9, 1
-
-
-@pytest.fixture(scope="module")
-def tiny_lm() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=3,
-                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32)
-    return LlamaForCausalLM(cfg).eval()
 
 
 @pytest.fixture(scope="module")
