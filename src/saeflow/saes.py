@@ -68,7 +68,7 @@ _LLAMASCOPE_KEYS = {
 }  # fmt: skip
 _ARCH_KEYS: dict[str, set[str]] = {
     "saex": _SAEX_KEYS,
-    "topk": {"auxk_coef", "k_aux", "dead_tokens_threshold"} | _LLAMASCOPE_KEYS,
+    "topk": {"auxk_coef", "k_aux", "dead_tokens_threshold", "selection_dtype"} | _LLAMASCOPE_KEYS,
     "batchtopk": _SAE_LENS_KEYS | {"aux_loss_coefficient", "topk_threshold_lr"},
     "standard": _SAE_LENS_KEYS | {"l1_warm_up_steps"},
     "gated": _SAE_LENS_KEYS | {"l1_warm_up_steps"},

@@ -74,6 +74,7 @@ LLAMASCOPE_OPTIONS: dict[str, Any] = {
     "lr_cooldown_steps": int,
     "lr_end_ratio": float,
     "save_as": ("topk", "jumprelu"),
+    "selection_dtype": ("float32", "bfloat16"),  # saeflow's, not Llama Scope's
 }
 # Optional arguments that apply only to some architectures (dest -> architectures).
 ONLY_FOR: dict[str, tuple[str, ...]] = {
