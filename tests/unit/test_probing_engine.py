@@ -114,3 +114,21 @@ def test_seeded_runs_are_identical():
     a = probe.select_logreg(x[:60], y[:60], x[60:], y[60:], seed=7)
     b = probe.select_logreg(x[:60], y[:60], x[60:], y[60:], seed=7)
     assert a == b
+
+
+@pytest.mark.parametrize("penalty", ["l2", "l1"])
+def test_warm_start_reaches_the_cold_start_optimum(penalty):
+    """The refit starts from a fold's fit: a start elsewhere must not change the optimum."""
+    x, y = _data(240, 16, 7, noise=1.0)
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y).double()
+    start = engine.Fit(torch.randn(1, 16, generator=torch.Generator().manual_seed(0)),
+                       torch.tensor([2.0]))
+    ones, c = torch.ones(1, 240), torch.tensor([0.3])
+    if penalty == "l2":
+        cold = engine.fit_l2(xt, yt, ones, c, gtol=1e-10)
+        warm = engine.fit_l2(xt, yt, ones, c, gtol=1e-10, init=start)
+    else:
+        cold = engine.fit_l1(xt, yt, ones, c, max_iter=20000, tol=1e-12)
+        warm = engine.fit_l1(xt, yt, ones, c, max_iter=20000, tol=1e-12, init=start)
+    np.testing.assert_allclose(warm.coef.numpy(), cold.coef.numpy(), atol=1e-4)
+    assert abs(warm.intercept.item() - cold.intercept.item()) < 1e-4

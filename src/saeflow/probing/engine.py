@@ -84,10 +84,13 @@ class Fit(NamedTuple):
 
 
 def fit_l2(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, cs: torch.Tensor,
-           max_iter: int = 100, gtol: float = 1e-4) -> Fit:
+           max_iter: int = 100, gtol: float = 1e-4, init: Fit | None = None) -> Fit:
     """L2 logistic regression for p problems sharing rows ``x`` [n, d], labels ``y`` [n].
 
-    ``mask`` [p, n] in {0, 1} picks each problem's rows, ``cs`` [p] its C. float64 throughout.
+    ``mask`` [p, n] in {0, 1} picks each problem's rows, ``cs`` [p] its C; ``init`` (p rows)
+    is a starting point (zero otherwise). Objective, gradient and step are float64; the
+    Hessian is formed in float32 (half the cost of the dominant product; an inexact Hessian
+    only changes the Newton direction, which the float64 line search and stopping test judge).
     A problem stops where sklearn's lbfgs would: the largest gradient component of its
     objective divided by C * n_rows (sklearn minimises the mean loss) is at most ``gtol``
     (sklearn's ``tol``). Far from separable data this is the optimum; on nearly separable data
@@ -98,8 +101,12 @@ def fit_l2(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, cs: torch.Tenso
     basis = vh[s > s[0] * 1e-10].T if len(s) else vh.T  # [d, r]
     z = x @ basis  # [n, r]: the row space of x, where every optimum's w lies
     za = torch.cat([z, torch.ones(len(z), 1, dtype=z.dtype)], dim=1)  # [n, r + 1]
+    za32 = za.float()
     p, r1 = len(cs), za.shape[1]
     theta = torch.zeros(p, r1, dtype=z.dtype)
+    if init is not None:  # the optimum's coordinates lie in the row space: project onto it
+        theta[:, :-1] = init.coef.double() @ basis
+        theta[:, -1] = init.intercept.double()
     reg = torch.ones(r1, dtype=z.dtype)
     reg[-1] = 0.0  # the intercept is not penalised (sklearn)
     scale = cs * mask.sum(dim=1)  # [p]
@@ -120,7 +127,8 @@ def fit_l2(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, cs: torch.Tenso
         keep = ~small
         rows, th, grad = rows[keep], th[keep], grad[keep]
         weight = cs[rows, None] * prob[keep] * (1 - prob[keep]) * mask[rows]  # [a, n]
-        hess = (za.T * weight[:, None, :]) @ za + torch.diag_embed(reg + 1e-10)  # [a, r1, r1]
+        hess = ((za32.T * weight.float()[:, None, :]) @ za32).double()  # [a, r1, r1]
+        hess += torch.diag_embed(reg + 1e-10)
         step = torch.linalg.solve(hess, grad.unsqueeze(-1)).squeeze(-1)
         # Backtracking per problem: the largest t in 1, 1/2, ... that does not raise the objective.
         obj = objective(th, rows)
@@ -137,8 +145,10 @@ def fit_l2(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, cs: torch.Tenso
 
 
 def fit_l1(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, cs: torch.Tensor,
-           features: torch.Tensor | None = None, max_iter: int = 2000, tol: float = 1e-7) -> Fit:
-    """L1 logistic regression (FISTA) for p problems; ``features`` [p, d] masks columns per problem.
+           features: torch.Tensor | None = None, max_iter: int = 2000, tol: float = 1e-7,
+           init: Fit | None = None) -> Fit:
+    """L1 logistic regression (FISTA) for p problems; ``features`` [p, d] masks columns per problem,
+    ``init`` (p rows) is a starting point (zero otherwise).
 
     Each problem minimises ``C * sum(loss) + ||w||_1`` over its rows and its columns (zero weight
     elsewhere), as sklearn's saga on the same sub-matrix. A problem stops (and leaves the batch)
@@ -156,8 +166,10 @@ def fit_l1(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, cs: torch.Tenso
     step_all = 1.0 / (cs * torch.linalg.matrix_norm(xa, ord=2) ** 2 / 4)  # [p]
     w_out, b_out = torch.zeros(p, d, dtype=x.dtype), torch.zeros(p, dtype=x.dtype)
     rows = torch.arange(p)
+    if init is not None:
+        w_out, b_out = init.coef.double() * fmask, init.intercept.double().clone()
     w, b = w_out.clone(), b_out.clone()
-    z = torch.zeros(p, n, dtype=x.dtype)  # margins of (w, b)
+    z = w @ x.T + b[:, None]  # margins of (w, b)
     vw, vb, vz = w.clone(), b.clone(), z.clone()  # the momentum point and its margins
     momentum = torch.ones(p, dtype=x.dtype)
     cc, mk, fm, step = cs, mask, fmask, step_all

@@ -55,59 +55,68 @@ def select_logreg(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray,
 
 
 def _torch_select(x_train, y_train, x_test, y_test, penalty, ks, cs, seed) -> list[Metrics]:
+    """Two batched solves, as sklearn's path fits: every (k, C, fold), then per k one refit on
+    all training rows at the selected C, warm-started from that C's fit on the first fold."""
     n = len(y_train)
     folds = engine.cv_splits(y_train, seed) if n > 3 else []
     grid = list(cs) if folds else [1.0]
-    masks = np.zeros((len(folds) + 1, n))
-    for f, (tr, _) in enumerate(folds):
-        masks[f, tr] = 1
-    masks[-1] = 1
     kmax = max(ks)
     x = torch.from_numpy(np.ascontiguousarray(x_train[:, :kmax], dtype=np.float32))
-    # problems: (k, C, mask) in that order
-    j, c, m = np.meshgrid(np.arange(len(ks)), np.arange(len(grid)), np.arange(len(masks)),
-                          indexing="ij")
-    j, c, m = j.ravel(), c.ravel(), m.ravel()
-    mask_t = torch.from_numpy(masks[m])
-    cs_t = torch.tensor([grid[i] for i in c], dtype=torch.float64)
     y_t = torch.from_numpy(y_train.astype(np.float64))
-    fit = _per_k(x, y_t, mask_t, cs_t, ks, j, penalty)
-    train_scores = (x @ fit.coef.T).T + fit.intercept[:, None]  # [p, n]
-    val = _mean_val_auc(train_scores, y_train, folds, masks, len(ks), len(grid))  # [k, C]
+    best = [0] * len(ks)
+    val = np.zeros((len(ks), len(grid)))
+    init: engine.Fit | None = None
+    if folds:
+        masks = np.zeros((len(folds), n))
+        for f, (tr, _) in enumerate(folds):
+            masks[f, tr] = 1
+        # problems: (k, C, fold) in that order
+        j, c, m = np.meshgrid(np.arange(len(ks)), np.arange(len(grid)), np.arange(len(folds)),
+                              indexing="ij")
+        j, c, m = j.ravel(), c.ravel(), m.ravel()
+        cs_t = torch.tensor([grid[i] for i in c], dtype=torch.float64)
+        fit = _per_k(x, y_t, torch.from_numpy(masks[m]), cs_t, ks, j, penalty)
+        scores = (x @ fit.coef.T).T + fit.intercept[:, None]  # [p, n]
+        val = _mean_val_auc(scores, y_train, folds, len(ks), len(grid))  # [k, C]
+        best = [int(np.argmax(row)) for row in val]
+        first = [int(np.flatnonzero((j == jj) & (c == best[jj]) & (m == 0))[0])
+                 for jj in range(len(ks))]
+        init = engine.Fit(fit.coef[first], fit.intercept[first])
+    cs_best = torch.tensor([grid[b] for b in best], dtype=torch.float64)
+    refit = _per_k(x, y_t, torch.ones(len(ks), n, dtype=torch.float64), cs_best, ks,
+                   np.arange(len(ks)), penalty, init)
     x_te = torch.from_numpy(np.ascontiguousarray(x_test[:, :kmax], dtype=np.float32))
     out = []
     for jj in range(len(ks)):
-        best = int(np.argmax(val[jj])) if folds else 0
-        prob = int(np.flatnonzero((j == jj) & (c == best) & (m == len(masks) - 1))[0])
-        proba = torch.sigmoid(x_te @ fit.coef[prob] + fit.intercept[prob]).double().numpy()
+        proba = torch.sigmoid(x_te @ refit.coef[jj] + refit.intercept[jj]).double().numpy()
         if folds:
-            v = float(val[jj, best])
+            v = float(val[jj, best[jj]])
         else:  # original: no cross-validation for n <= 3; the training AUC stands in
-            v = float(engine.auc(train_scores[prob : prob + 1].double(), y_t)[0])
-        out.append(_scores(y_test, proba, v, grid[best]))
+            train = (x @ refit.coef[jj] + refit.intercept[jj]).double()
+            v = float(engine.auc(train[None], y_t)[0])
+        out.append(_scores(y_test, proba, v, grid[best[jj]]))
     return out
 
 
-def _per_k(x, y_t, mask_t, cs_t, ks, j, penalty) -> engine.Fit:
+def _per_k(x, y_t, mask_t, cs_t, ks, j, penalty, init: engine.Fit | None = None) -> engine.Fit:
     """Fits per feature set, each on its own k columns (for L2 the row-space rotation depends
     on the columns; for L1 a narrower matrix has a smaller Lipschitz constant, so longer steps,
-    and costs k/kmax of the products)."""
+    and costs k/kmax of the products). ``init`` (rows as the problems) warm-starts them."""
     coef = torch.zeros(len(cs_t), x.shape[1])
     intercept = torch.zeros(len(cs_t))
     solve = engine.fit_l1 if penalty == "l1" else engine.fit_l2
     for jj, k in enumerate(ks):
         rows = torch.from_numpy(np.flatnonzero(j == jj))
-        fit = solve(x[:, :k], y_t, mask_t[rows], cs_t[rows])
+        start = None if init is None else engine.Fit(init.coef[rows, :k], init.intercept[rows])
+        fit = solve(x[:, :k], y_t, mask_t[rows], cs_t[rows], init=start)
         coef[rows, :k] = fit.coef
         intercept[rows] = fit.intercept
     return engine.Fit(coef, intercept)
 
 
-def _mean_val_auc(scores, y, folds, masks, n_k, n_c) -> np.ndarray:
+def _mean_val_auc(scores, y, folds, n_k, n_c) -> np.ndarray:
     """[k, C] mean validation AUC over folds (0.5 for a fold whose training part has one class)."""
-    if not folds:
-        return np.zeros((n_k, n_c))
-    per = scores.reshape(n_k, n_c, len(masks), -1)
+    per = scores.reshape(n_k, n_c, len(folds), -1)
     total = np.zeros((n_k, n_c))
     for f, (tr, va) in enumerate(folds):
         if len(np.unique(y[tr])) < 2:
