@@ -9,9 +9,10 @@ import pytest
 import torch
 from nnsight import NNsight
 from sae_lens import SAE, StandardSAEConfig
+from sklearn.decomposition import PCA
 
 from saeflow.models import load_model
-from saeflow.probing import acts, multi_token
+from saeflow.probing import acts, attention, multi_token
 from saeflow.probing.attention import pool
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -78,7 +79,8 @@ def test_probes_of_one_dataset():
     rows = multi_token.probe_dataset("d", x, lengths, y, 2, [("s", _sae(8, 16))], k=128,
                                      epochs=300, lr=0.03, seed=0)
     by = {r["method"]: r for r in rows}
-    assert list(by) == ["last_token", "mean_pool", "attn_probe", "sae_mean", "sae_max"]
+    assert list(by) == ["last_token", "mean_pool", "concat", "attn_probe", "sae_mean", "sae_max"]
+    assert by["concat"]["test_auc"] > 0.9  # the class is at one position: its PCA has it
     assert by["last_token"]["test_auc"] < 0.7
     assert by["attn_probe"]["test_auc"] > 0.95 > by["last_token"]["test_auc"] + 0.25
     assert by["sae_mean"]["k"] == 16 and by["sae_mean"]["sae_id"] == "s"
@@ -97,3 +99,17 @@ def test_figure_table_takes_the_sae_of_best_validation_auc_and_a_mean_row():
     assert table.loc[("a", "sae_mean"), "sae_id"] == "s1"  # validation 0.8 > 0.7
     assert table.loc[("mean", "sae_mean"), "test_auc"] == pytest.approx((0.7 + 0.5) / 2)
     assert table.loc[("mean", "last_token"), "test_auc"] == pytest.approx(0.7)
+
+
+def test_concat_pca_is_a_per_position_pca_fitted_on_the_training_rows():
+    gen = np.random.default_rng(0)
+    x_tr, x_te = gen.normal(size=(60, 4, 30)), gen.normal(size=(25, 4, 30))
+    f_tr, f_te = attention.concat_pca(x_tr, x_te, n_components=5)
+    assert f_tr.shape == (60, 15) and f_te.shape == (25, 15)  # positions 1..3, 5 each
+    for t in range(1, 4):
+        pca = PCA(5, svd_solver="full").fit(x_tr[:, t])
+        part = slice(5 * (t - 1), 5 * t)
+        sign = np.sign((f_tr[:, part] * pca.transform(x_tr[:, t])).sum(0))  # PCA's sign is free
+        np.testing.assert_allclose(f_tr[:, part] * sign, pca.transform(x_tr[:, t]), atol=1e-9)
+        np.testing.assert_allclose(f_te[:, part] * sign, pca.transform(x_te[:, t]), atol=1e-9)
+

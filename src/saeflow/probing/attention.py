@@ -97,3 +97,25 @@ def pool(x: np.ndarray, lengths: np.ndarray, how: str, skip_first: bool = True) 
     if how == "max":
         return np.where(mask[..., None], x, -np.inf).max(1)
     raise ValueError(f"pool '{how}': expected mean or max")
+
+
+def concat_pca(x_train: np.ndarray, x_test: np.ndarray, n_components: int = 20
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """The original's multi-token ``concat`` baseline features: per position t >= 1, a PCA of
+    the training rows' ``x[:, t]`` to ``n_components`` dimensions (centred by the training mean;
+    fewer where the training rows span fewer), concatenated over positions.
+
+    ``x_train`` [n, T, d], ``x_test`` [m, T, d] -> [n, P], [m, P] with P <= n_components (T - 1).
+    Padded positions are zero rows, as in the fixed-length inputs the original decomposed.
+    """
+    train, test = [], []
+    for t in range(1 if x_train.shape[1] > 1 else 0, x_train.shape[1]):
+        a = x_train[:, t].astype(np.float64)
+        mean = a.mean(0)
+        _, s, vh = np.linalg.svd(a - mean, full_matrices=False)
+        rank = int((s > s[0] * 1e-10).sum()) if len(s) and s[0] > 0 else 0
+        keep = vh[: min(n_components, rank)]
+        train.append((a - mean) @ keep.T)
+        test.append((x_test[:, t].astype(np.float64) - mean) @ keep.T)
+    return np.concatenate(train, axis=1), np.concatenate(test, axis=1)
+

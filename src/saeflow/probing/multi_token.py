@@ -11,7 +11,9 @@ kept prompt, zero padded; ``n_tokens`` [n]), so the job holds one batch, not the
 
 Probes, on the normal regime's seeded split: ``attn_probe`` (:mod:`saeflow.probing.attention`),
 ``last_token`` (the L2 logreg of the other regimes on the last real position), ``mean_pool``
-(L2 logreg on the mean over positions 1..last) and per SAE ``sae_mean`` / ``sae_max`` (the
+(L2 logreg on the mean over positions 1..last), ``concat`` (the original's baseline: a 20-dim
+PCA per position 1..T-1 fitted on the training rows, concatenated, L1 logreg) and per SAE
+``sae_mean`` / ``sae_max`` (the
 original's ``sae_aggregated``: latents encoded at every position, mean- or max-pooled over
 positions 1..last, the top k by the ranking of :func:`saeflow.probing.run.rank_latents`, L1
 logreg). The original's check ``"sae" in to_run_list`` never matched its own CLI choice
@@ -42,12 +44,12 @@ from saeflow.device import DEVICE_HELP, resolve_device
 from saeflow.figures.pdf import read_table, save_pdf
 from saeflow.probing import probe, regimes
 from saeflow.probing.acts import pad_right, tokenize
-from saeflow.probing.attention import fit_attention, pool
+from saeflow.probing.attention import concat_pca, fit_attention, pool
 from saeflow.probing.datasets import load, parse_custom
 from saeflow.probing.run import rank_latents
 
 RESULT_COLUMNS = ["dataset", "method", "sae_id", "k", "test_auc", "val_auc", "layer"]
-METHOD_ORDER = ["last_token", "mean_pool", "attn_probe", "sae_mean", "sae_max"]
+METHOD_ORDER = ["last_token", "mean_pool", "concat", "attn_probe", "sae_mean", "sae_max"]
 
 
 def write_all_positions(path: str, traced, model, seqs: Sequence[Sequence[int]], site: str,
@@ -129,6 +131,9 @@ def probe_dataset(name: str, x: np.ndarray, lengths: np.ndarray, y: np.ndarray, 
     for method, feats in (("last_token", last), ("mean_pool", pool(x, lengths, "mean"))):
         (m,) = probe.select_logreg(feats[tr], sp.y_train, feats[te], y[te], "l2", seed=seed)
         add(method, m.test_auc, m.val_auc)
+    f_tr, f_te = concat_pca(x[tr], x[te])
+    (m,) = probe.select_logreg(f_tr, sp.y_train, f_te, y[te], "l1", seed=seed)
+    add("concat", m.test_auc, m.val_auc)
     real = np.arange(x_in.shape[1])[None, :] < len_in[:, None]
     scale = float(np.linalg.norm(x_in[tr][real[tr]], axis=-1).mean()) or 1.0
     res = fit_attention(x_in[tr] / scale, len_in[tr], sp.y_train, x_in[te] / scale, len_in[te],
