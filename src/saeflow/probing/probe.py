@@ -99,16 +99,31 @@ def _torch_select(x_train, y_train, x_test, y_test, penalty, ks, cs, seed) -> li
 
 
 def _per_k(x, y_t, mask_t, cs_t, ks, j, penalty, init: engine.Fit | None = None) -> engine.Fit:
-    """Fits per feature set, each on its own k columns (for L2 the row-space rotation depends
-    on the columns; for L1 a narrower matrix has a smaller Lipschitz constant, so longer steps,
-    and costs k/kmax of the products). ``init`` (rows as the problems) warm-starts them."""
+    """Fits of problems ``j`` (index into ``ks``: each problem uses the first k columns);
+    ``init`` (rows as the problems) warm-starts them.
+
+    L1: one batch, the columns as feature masks (each mask gets its own Lipschitz step, and
+    FISTA's many cheap iterations are shared by all k). L2: one solve per k (the row-space
+    rotation depends on the columns), each k after the first starting from the previous k's
+    fits of the same (C, fold) unless ``init`` is given.
+    """
+    if penalty == "l1":
+        widths = torch.tensor(ks)[torch.from_numpy(np.asarray(j))]
+        features = torch.arange(x.shape[1])[None, :] < widths[:, None]
+        return engine.fit_l1(x, y_t, mask_t, cs_t, features=features, init=init)
     coef = torch.zeros(len(cs_t), x.shape[1])
     intercept = torch.zeros(len(cs_t))
-    solve = engine.fit_l1 if penalty == "l1" else engine.fit_l2
+    prev = None
     for jj, k in enumerate(ks):
         rows = torch.from_numpy(np.flatnonzero(j == jj))
-        start = None if init is None else engine.Fit(init.coef[rows, :k], init.intercept[rows])
-        fit = solve(x[:, :k], y_t, mask_t[rows], cs_t[rows], init=start)
+        if init is not None:
+            start = engine.Fit(init.coef[rows, :k], init.intercept[rows])
+        elif prev is not None and len(prev) == len(rows):
+            start = engine.Fit(coef[prev, :k], intercept[prev])
+        else:
+            start = None
+        fit = engine.fit_l2(x[:, :k], y_t, mask_t[rows], cs_t[rows], init=start)
+        prev = rows
         coef[rows, :k] = fit.coef
         intercept[rows] = fit.intercept
     return engine.Fit(coef, intercept)
