@@ -97,15 +97,18 @@ def fit_l2(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, cs: torch.Tenso
     with a large C it is where sklearn also stops, short of the diverging optimum.
     """
     x, y, mask, cs = x.double(), y.double(), mask.double(), cs.double()
-    _, s, vh = torch.linalg.svd(x, full_matrices=False)
-    basis = vh[s > s[0] * 1e-10].T if len(s) else vh.T  # [d, r]
-    z = x @ basis  # [n, r]: the row space of x, where every optimum's w lies
+    if x.shape[0] < x.shape[1]:  # wide: solve in the row space of x, where every optimum lies
+        _, s, vh = torch.linalg.svd(x, full_matrices=False)
+        basis = vh[s > s[0] * 1e-10].T if len(s) else vh.T  # [d, r]
+    else:  # tall: the row space is (almost surely) all of R^d, so no rotation
+        basis = None
+    z = x if basis is None else x @ basis  # [n, r]
     za = torch.cat([z, torch.ones(len(z), 1, dtype=z.dtype)], dim=1)  # [n, r + 1]
     za32 = za.float()
     p, r1 = len(cs), za.shape[1]
     theta = torch.zeros(p, r1, dtype=z.dtype)
     if init is not None:  # the optimum's coordinates lie in the row space: project onto it
-        theta[:, :-1] = init.coef.double() @ basis
+        theta[:, :-1] = init.coef.double() if basis is None else init.coef.double() @ basis
         theta[:, -1] = init.intercept.double()
     reg = torch.ones(r1, dtype=z.dtype)
     reg[-1] = 0.0  # the intercept is not penalised (sklearn)
@@ -141,7 +144,8 @@ def fit_l2(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, cs: torch.Tenso
             t = torch.where(bad, t / 2, t)
             new = torch.where(bad, objective(th - t[:, None] * step, rows), new)
         theta[rows] = th - t[:, None] * step
-    return Fit((theta[:, :-1] @ basis.T).float(), theta[:, -1].float())
+    coef = theta[:, :-1] if basis is None else theta[:, :-1] @ basis.T
+    return Fit(coef.float(), theta[:, -1].float())
 
 
 SPARSE_DENSITY = 0.1
