@@ -88,7 +88,9 @@ def fit_l2(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, cs: torch.Tenso
     """L2 logistic regression for p problems sharing rows ``x`` [n, d], labels ``y`` [n].
 
     ``mask`` [p, n] in {0, 1} picks each problem's rows, ``cs`` [p] its C; ``init`` (p rows)
-    is a starting point (zero otherwise). Objective, gradient and step are float64; the
+    is a starting point. Without it the problems are solved along a regularisation path: C in
+    ascending order (all problems of one C in one batch), each from the solution of the next
+    smaller C on the same rows (zero for the smallest), as glmnet does. Objective, gradient and step are float64; the
     Hessian is formed in float32 (half the cost of the dominant product; an inexact Hessian
     only changes the Newton direction, which the float64 line search and stopping test judge).
     A problem stops where sklearn's lbfgs would: the largest gradient component of its
@@ -113,37 +115,53 @@ def fit_l2(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, cs: torch.Tenso
     reg = torch.ones(r1, dtype=z.dtype)
     reg[-1] = 0.0  # the intercept is not penalised (sklearn)
     scale = cs * mask.sum(dim=1)  # [p]
-    active = torch.ones(p, dtype=torch.bool)
 
     def objective(th: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         return cs[rows] * _logloss(th @ za.T, y, mask[rows]) + 0.5 * (th[:, :-1] ** 2).sum(dim=1)
 
-    for _ in range(max_iter):
-        rows = active.nonzero().squeeze(1)
-        th, mk, cc = theta[rows], mask[rows], cs[rows]
-        prob = torch.sigmoid(th @ za.T)  # [a, n]
-        grad = cc[:, None] * (((prob - y) * mk) @ za) + th * reg  # [a, r1]
-        small = grad.abs().amax(dim=1) / scale[rows] <= gtol
-        active[rows[small]] = False
-        if small.all():
-            break
-        keep = ~small
-        rows, th, grad = rows[keep], th[keep], grad[keep]
-        weight = cs[rows, None] * prob[keep] * (1 - prob[keep]) * mask[rows]  # [a, n]
-        hess = ((za32.T * weight.float()[:, None, :]) @ za32).double()  # [a, r1, r1]
-        hess += torch.diag_embed(reg + 1e-10)
-        step = torch.linalg.solve(hess, grad.unsqueeze(-1)).squeeze(-1)
-        # Backtracking per problem: the largest t in 1, 1/2, ... that does not raise the objective.
-        obj = objective(th, rows)
-        t = torch.ones(len(rows), dtype=z.dtype)
-        new = objective(th - t[:, None] * step, rows)
-        for _ in range(30):
-            bad = new > obj
-            if not bad.any():
-                break
-            t = torch.where(bad, t / 2, t)
-            new = torch.where(bad, objective(th - t[:, None] * step, rows), new)
-        theta[rows] = th - t[:, None] * step
+    def newton(active: torch.Tensor) -> None:
+        """Damped Newton on the ``active`` problems of ``theta``, in place."""
+        for _ in range(max_iter):
+            rows = active.nonzero().squeeze(1)
+            th, mk, cc = theta[rows], mask[rows], cs[rows]
+            prob = torch.sigmoid(th @ za.T)  # [a, n]
+            grad = cc[:, None] * (((prob - y) * mk) @ za) + th * reg  # [a, r1]
+            small = grad.abs().amax(dim=1) / scale[rows] <= gtol
+            active[rows[small]] = False
+            if small.all():
+                return
+            keep = ~small
+            rows, th, grad = rows[keep], th[keep], grad[keep]
+            weight = cs[rows, None] * prob[keep] * (1 - prob[keep]) * mask[rows]  # [a, n]
+            hess = ((za32.T * weight.float()[:, None, :]) @ za32).double()  # [a, r1, r1]
+            hess += torch.diag_embed(reg + 1e-10)
+            step = torch.linalg.solve(hess, grad.unsqueeze(-1)).squeeze(-1)
+            # Backtracking per problem: the largest t in 1, 1/2, ... not raising the objective.
+            obj = objective(th, rows)
+            t = torch.ones(len(rows), dtype=z.dtype)
+            new = objective(th - t[:, None] * step, rows)
+            for _ in range(30):
+                bad = new > obj
+                if not bad.any():
+                    break
+                t = torch.where(bad, t / 2, t)
+                new = torch.where(bad, objective(th - t[:, None] * step, rows), new)
+            theta[rows] = th - t[:, None] * step
+
+    if init is not None:
+        newton(torch.ones(p, dtype=torch.bool))
+    else:  # a regularisation path: C ascending, each C's problems from the last C's solutions
+        group = torch.unique(mask, dim=0, return_inverse=True)[1]  # problems of the same rows
+        last: dict[int, int] = {}
+        for c in torch.unique(cs):  # ascending
+            rows = (cs == c).nonzero().squeeze(1)
+            for i in rows.tolist():
+                if int(group[i]) in last:
+                    theta[i] = theta[last[int(group[i])]]
+                last[int(group[i])] = i
+            active = torch.zeros(p, dtype=torch.bool)
+            active[rows] = True
+            newton(active)
     coef = theta[:, :-1] if basis is None else theta[:, :-1] @ basis.T
     return Fit(coef.float(), theta[:, -1].float())
 
