@@ -90,8 +90,8 @@ def fit_l2(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, cs: torch.Tenso
     ``mask`` [p, n] in {0, 1} picks each problem's rows, ``cs`` [p] its C; ``init`` (p rows)
     is a starting point. Without it the problems are solved along a regularisation path: C in
     ascending order (all problems of one C in one batch), each from the solution of the next
-    smaller C on the same rows (zero for the smallest), as glmnet does. Objective, gradient and step are float64; the
-    Hessian is formed in float32 (half the cost of the dominant product; an inexact Hessian
+    smaller C on the same rows (zero for the smallest), as glmnet does. Objective, gradient and
+    step are float64; the Hessian is formed in float32 (half the cost of the dominant product; an inexact Hessian
     only changes the Newton direction, which the float64 line search and stopping test judge).
     A problem stops where sklearn's lbfgs would: the largest gradient component of its
     objective divided by C * n_rows (sklearn minimises the mean loss) is at most ``gtol``
@@ -156,9 +156,10 @@ def fit_l2(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, cs: torch.Tenso
         for c in torch.unique(cs):  # ascending
             rows = (cs == c).nonzero().squeeze(1)
             for i in rows.tolist():
-                if int(group[i]) in last:
-                    theta[i] = theta[last[int(group[i])]]
-                last[int(group[i])] = i
+                g = int(group[i])
+                if g in last:
+                    theta[i] = theta[last[g]]
+                last[g] = i
             active = torch.zeros(p, dtype=torch.bool)
             active[rows] = True
             newton(active)

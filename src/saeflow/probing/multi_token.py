@@ -13,15 +13,15 @@ Probes, on the normal regime's seeded split: ``attn_probe`` (:mod:`saeflow.probi
 ``last_token`` (the L2 logreg of the other regimes on the last real position), ``mean_pool``
 (L2 logreg on the mean over positions 1..last), ``concat`` (the original's baseline: a 20-dim
 PCA per position 1..T-1 fitted on the training rows, concatenated, L1 logreg) and per SAE
-``sae_mean`` / ``sae_max`` (the
-original's ``sae_aggregated``: latents encoded at every position, mean- or max-pooled over
-positions 1..last, the top k by the ranking of :func:`saeflow.probing.run.rank_latents`, L1
-logreg). The original's check ``"sae" in to_run_list`` never matched its own CLI choice
-``sae_aggregated`` (B9.6), so its aggregated SAE probes never ran from the command line; here
-they run whenever an SAE is given. Position 0 is left out of every probe (the original pooled
-1..last; SmolLM2's first position has a far larger norm than any other), and the attention
-probe's inputs are divided by the training rows' mean token norm (a scalar: the same probes,
-better conditioned for the original's Adam lr 1e-4).
+``sae_mean`` / ``sae_max`` (the original's ``sae_aggregated``: latents encoded at every position,
+mean- or max-pooled over positions 1..last, the top k by the ranking of
+:func:`saeflow.probing.run.rank_latents`, L1 logreg). The original's check
+``"sae" in to_run_list`` never matched its own CLI choice ``sae_aggregated`` (B9.6), so its
+aggregated SAE probes never ran from the command line; here they run whenever an SAE is
+given. Position 0 is left out of every probe (the original pooled 1..last; SmolLM2's first
+position has a far larger norm than any other), and the attention probe's inputs are divided
+by the training rows' mean token norm (a scalar: the same probes, better conditioned for the
+original's Adam lr 1e-4).
 """
 
 from __future__ import annotations

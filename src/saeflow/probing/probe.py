@@ -55,8 +55,8 @@ def select_logreg(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray,
 
 
 def _torch_select(x_train, y_train, x_test, y_test, penalty, ks, cs, seed) -> list[Metrics]:
-    """Two batched solves, as sklearn's path fits: every (k, C, fold), then per k one refit on
-    all training rows at the selected C, warm-started from that C's fit on the first fold."""
+    """Two batched solves: every (k, C, fold), then per k one refit on all training rows at the
+    selected C (as the sklearn path refits), warm-started from that C's fit on the first fold."""
     n = len(y_train)
     folds = engine.cv_splits(y_train, seed) if n > 3 else []
     grid = list(cs) if folds else [1.0]
@@ -104,8 +104,7 @@ def _per_k(x, y_t, mask_t, cs_t, ks, j, penalty, init: engine.Fit | None = None)
 
     L1: one batch, the columns as feature masks (each mask gets its own Lipschitz step, and
     FISTA's many cheap iterations are shared by all k). L2: one solve per k (the row-space
-    rotation depends on the columns), each k after the first starting from the previous k's
-    fits of the same (C, fold) unless ``init`` is given.
+    rotation depends on the columns).
     """
     if penalty == "l1":
         widths = torch.tensor(ks)[torch.from_numpy(np.asarray(j))]
@@ -113,17 +112,10 @@ def _per_k(x, y_t, mask_t, cs_t, ks, j, penalty, init: engine.Fit | None = None)
         return engine.fit_l1(x, y_t, mask_t, cs_t, features=features, init=init)
     coef = torch.zeros(len(cs_t), x.shape[1])
     intercept = torch.zeros(len(cs_t))
-    prev = None
     for jj, k in enumerate(ks):
         rows = torch.from_numpy(np.flatnonzero(j == jj))
-        if init is not None:
-            start = engine.Fit(init.coef[rows, :k], init.intercept[rows])
-        elif prev is not None and len(prev) == len(rows):
-            start = engine.Fit(coef[prev, :k], intercept[prev])
-        else:
-            start = None
+        start = None if init is None else engine.Fit(init.coef[rows, :k], init.intercept[rows])
         fit = engine.fit_l2(x[:, :k], y_t, mask_t[rows], cs_t[rows], init=start)
-        prev = rows
         coef[rows, :k] = fit.coef
         intercept[rows] = fit.intercept
     return engine.Fit(coef, intercept)
