@@ -5,6 +5,8 @@ Architecture ``saex`` of :mod:`saeflow.train`. The model is :func:`saeflow.techn
 ``mean_t |x_hat - x|^2 / mean_t |x - mean(x)|^2`` (the batch FVU) plus
 ``sparsity_coefficient * mean_t penalty(z_t)`` plus, optionally, DeepMind's scaled ghost grads.
 Every other knob is a field of :class:`SaexTrainConfig`, each naming its saex counterpart.
+Once the codes are sparse (at most 5% of the (token, latent) pairs active) the loss is built on
+their support, with one dense product a step instead of five (:mod:`saeflow.saex_support`).
 The optimiser chain is saex's: clip the global gradient norm (1.0), Adam with saex's betas
 (beta1 = 0, "crucial for avoiding dead features"; beta2 = 0.99), linear LR warm-up.
 
@@ -36,6 +38,7 @@ from saeflow import __version__
 from saeflow import techniques as T
 from saeflow.batches import ActivationBatches
 from saeflow.h5io import atomic_path
+from saeflow.saex_support import MAX_DENSITY, support_loss_terms
 from saeflow.topk import geometric_median
 
 CHECKPOINT_FILE = "saex_checkpoint.pt"
@@ -180,9 +183,16 @@ def sparsity_eps(cfg: SaexTrainConfig, step: int) -> float:
 
 
 def loss_terms(
-    leaves: list[Tensor], x: Tensor, cfg: SaexTrainConfig, step: int, dead: Tensor
-) -> dict[str, Tensor]:
-    """The batch's fvu, sparsity, ghost, gated-aux and total loss, and its codes."""
+    leaves: list[Tensor], x: Tensor, cfg: SaexTrainConfig, step: int, dead: Tensor,
+    max_density: float = MAX_DENSITY,
+) -> dict[str, Tensor]:  # fmt: skip
+    """The batch's fvu, sparsity, ghost, gated-aux and total loss, the latents that fired (m,)
+    and the mean L0. On the codes' support (:mod:`saeflow.saex_support`) while it holds at most
+    ``max_density`` of the (token, latent) pairs; densely otherwise."""
+    eps = sparsity_eps(cfg, step)
+    on_support = support_loss_terms(leaves, x, cfg, eps, max_density)
+    if on_support is not None:
+        return on_support
     p = T.ReluParams(*leaves[:5])
     variance = (x - x.mean(0)).square().sum(-1).mean().clamp_min(1e-12)
     aux = x.new_zeros(())
@@ -196,15 +206,16 @@ def loss_terms(
     fvu = (x_hat - x).square().sum(-1).mean() / variance
     norms = p.W_dec.norm(dim=1) if cfg.decoder_norm_weighted else None
     penalty = T.sparsity_penalty(
-        penalised, cfg.sparsity_loss, eps=sparsity_eps(cfg, step), stretch=cfg.tanh_stretch,
+        penalised, cfg.sparsity_loss, eps=eps, stretch=cfg.tanh_stretch,
         decoder_norms=norms,
     ).mean()  # fmt: skip
     ghost = x.new_zeros(())
     if cfg.ghost_grads:
         ghost = T.dm_ghost_loss(x, x_hat, pre, p.s, p.W_dec, dead) / variance
     loss = fvu + cfg.sparsity_coefficient * penalty + ghost + aux
+    active = z.detach() > 0
     return {"loss": loss, "fvu": fvu, "sparsity": penalty, "ghost": ghost, "gated_aux": aux,
-            "z": z}  # fmt: skip
+            "fired": active.any(0), "l0": active.sum(-1).to(x.dtype).mean()}  # fmt: skip
 
 
 # ====================================================================== state and step
@@ -244,12 +255,15 @@ def lr_at(step: int, cfg: SaexTrainConfig) -> float:
     return cfg.lr * min(1.0, (step + 1) / max(cfg.lr_warmup_steps, 1))
 
 
-def train_step(state: SaexState, x: Tensor, cfg: SaexTrainConfig) -> dict[str, float]:
-    """One step: loss, backward, clip, Adam, decoder projection and norm restriction."""
+def train_step(
+    state: SaexState, x: Tensor, cfg: SaexTrainConfig, max_density: float = MAX_DENSITY
+) -> dict[str, float]:
+    """One step: loss, backward, clip, Adam, decoder projection and norm restriction
+    (``max_density``: see :func:`loss_terms`)."""
     x, c = T.normalize_input(x, cfg.input_norm)
     state.norm_sum += float(c.mean())
     dead = state.steps_since_fired > cfg.dead_after_steps
-    terms = loss_terms(state.leaves, x, cfg, state.step, dead)
+    terms = loss_terms(state.leaves, x, cfg, state.step, dead, max_density)
     state.optimizer.zero_grad(set_to_none=False)
     terms["loss"].backward()
     s, W_dec = state.leaves[2], state.leaves[3]
@@ -269,12 +283,9 @@ def train_step(state: SaexState, x: Tensor, cfg: SaexTrainConfig) -> dict[str, f
             W_dec.copy_(before + T.project_parallel(before, W_dec - before))
         W_dec.copy_(T.restrict_decoder_norm(W_dec, cfg.restrict_dec_norm))
         s.clamp_(min=1e-6)  # s > 0 so that it folds into the encoder at save time
-        fired = (terms["z"] > 0).any(0)
-        state.steps_since_fired.add_(1).masked_fill_(fired, 0)
+        state.steps_since_fired.add_(1).masked_fill_(terms.pop("fired"), 0)
     state.step += 1
-    z = terms.pop("z")
-    row = {key: float(v) for key, v in terms.items() if v.numel() == 1}
-    row["l0"] = float((z > 0).sum(-1).float().mean())
+    row = {key: float(v.detach()) for key, v in terms.items()}
     row["dead_fraction"] = float(dead.float().mean())
     return row
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from functools import partial
 from typing import NamedTuple
 
 import torch
@@ -56,17 +57,44 @@ def sparsity_penalty(
     if decoder_norms is not None:
         z = z * decoder_norms
     a = z.abs()
-    if kind == "l1":
-        return a.sum(-1)
-    if kind == "l1_sqrt":
-        # sqrt has an infinite slope at 0: inactive latents contribute 0 and no gradient
-        return torch.where(a > 0, a.clamp_min(1e-30).sqrt(), 0.0).sum(-1)
-    if kind == "tanh":
-        return torch.tanh(stretch * a).sum(-1)
-    if kind == "recip":
-        return (a / (a + eps)).sum(-1)
     if kind == "hoyer":
         return a.sum(-1).square() / z.square().sum(-1).clamp_min(1e-12)
+    return _elementwise_penalty(a, kind, eps, stretch).sum(-1)
+
+
+def sparsity_penalty_sparse(
+    values: Tensor,
+    rows: Tensor,
+    n_rows: int,
+    kind: str,
+    *,
+    eps: float = 0.1,
+    stretch: float = 1.0,
+    decoder_norms: Tensor | None = None,
+) -> Tensor:
+    """:func:`sparsity_penalty` of codes given by their nonzero ``values`` (nnz,) in token
+    ``rows`` (nnz,) of ``n_rows`` tokens; ``decoder_norms`` (nnz,) are the norms of each value's
+    latent. Every penalty is 0 at z = 0, so the zeros contribute nothing. Returns (n_rows,)."""
+    if decoder_norms is not None:
+        values = values * decoder_norms
+    a = values.abs()
+    per_token = partial(torch.zeros(n_rows, dtype=a.dtype, device=a.device).index_add, 0, rows)
+    if kind == "hoyer":
+        return per_token(a).square() / per_token(a.square()).clamp_min(1e-12)
+    return per_token(_elementwise_penalty(a, kind, eps, stretch))
+
+
+def _elementwise_penalty(a: Tensor, kind: str, eps: float, stretch: float) -> Tensor:
+    """Each code's share of the l1 / l1_sqrt / tanh / recip penalty (``a = |z|``)."""
+    if kind == "l1":
+        return a
+    if kind == "l1_sqrt":
+        # sqrt has an infinite slope at 0: inactive latents contribute 0 and no gradient
+        return torch.where(a > 0, a.clamp_min(1e-30).sqrt(), 0.0)
+    if kind == "tanh":
+        return torch.tanh(stretch * a)
+    if kind == "recip":
+        return a / (a + eps)
     raise ValueError(f"sparsity loss {kind!r}: expected one of {', '.join(SPARSITY_LOSSES)}")
 
 
