@@ -42,8 +42,11 @@ from saeflow.topk import _csr, _stable_argsort
 if TYPE_CHECKING:
     from saeflow.saex_train import SaexTrainConfig
 
-MAX_DENSITY = 0.05
-"""Above this share of active (token, latent) pairs the dense path is used instead."""
+MAX_DENSITY = 0.15
+"""Above this share of active (token, latent) pairs the dense path is used instead. Measured
+at d 576, B 4,096, 2 threads: the support path's step takes 0.31 / 0.47 / 0.65 of the dense
+one at densities 5 / 10 / 15% for m 2,304 (0.42 / 0.63 / 0.79 for m 9,216) and breaks even
+near 20%."""
 
 
 class _SupportXW(torch.autograd.Function):

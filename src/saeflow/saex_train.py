@@ -5,7 +5,7 @@ Architecture ``saex`` of :mod:`saeflow.train`. The model is :func:`saeflow.techn
 ``mean_t |x_hat - x|^2 / mean_t |x - mean(x)|^2`` (the batch FVU) plus
 ``sparsity_coefficient * mean_t penalty(z_t)`` plus, optionally, DeepMind's scaled ghost grads.
 Every other knob is a field of :class:`SaexTrainConfig`, each naming its saex counterpart.
-Once the codes are sparse (at most 5% of the (token, latent) pairs active) the loss is built on
+Once the codes are sparse (at most 15% of the (token, latent) pairs active) the loss is built on
 their support, with one dense product a step instead of five (:mod:`saeflow.saex_support`).
 The optimiser chain is saex's: clip the global gradient norm (1.0), Adam with saex's betas
 (beta1 = 0, "crucial for avoiding dead features"; beta2 = 0.99), linear LR warm-up.
