@@ -9,7 +9,7 @@ SmolLM2-135M layer-6 activations (d 576), the default's width 2,304, 4,096-token
 threads, all runs on the same batches in the same order:
 
 1. SAELens's ``StandardTrainingSAE`` (ReLU, decoder-norm-weighted L1 coefficient ``--l1``,
-   SAELens's defaults otherwise: lr 3e-4, Adam (0.9, 0.999), inputs scaled to mean norm
+   SAELens's defaults otherwise: lr 3e-4 (``--sae-lens-lr``), Adam (0.9, 0.999), inputs scaled to mean norm
    sqrt(d), the step as ``SAETrainer`` takes it: ``saeflow.sae_lens_train.train_step``).
    Its held-out L0 at the end is the target L0, its held-out FVU at the end the target FVU.
 2. saeflow's ``architecture: saex`` (``saeflow.saex_train.train_step``: Wright's per-latent
@@ -128,7 +128,7 @@ def sae_lens_run(train: Tensor, held: Tensor, args: argparse.Namespace, steps: i
     cfg = SL.SAELensTrainConfig(
         architecture="standard", d_in=d_in, d_sae=args.width, batch_size=args.batch,
         total_tokens=steps * args.batch, l1_coefficient=args.l1,
-        normalize_activations="expected_average_only_in", seed=args.seed,
+        normalize_activations="expected_average_only_in", seed=args.seed, lr=args.sae_lens_lr,
     )  # fmt: skip
     state = SL.init_state(cfg)
     scale = math.sqrt(d_in) / float(train.norm(dim=1).mean())  # SAELens's estimate, all rows
@@ -178,14 +178,16 @@ def saex_run(
 
 
 def next_coefficient(runs: list[Run], target_l0: float) -> float:
-    """Log-log secant on (coefficient, final L0) of the last two runs (one run: L0 ~ 1/c)."""
+    """Log-log secant on (coefficient, final L0) of the last two runs (one run: L0 ~ 1/c),
+    moving the coefficient by at most 4x."""
     last = runs[-1]
     slope = -1.0
     if len(runs) >= 2 and runs[-2].coefficient != last.coefficient:
         a, b = runs[-2], last
         slope = math.log(b.final["l0"] / a.final["l0"]) / math.log(b.coefficient / a.coefficient)
         slope = min(max(slope, -3.0), -0.2)
-    return last.coefficient * (target_l0 / last.final["l0"]) ** (1 / slope)
+    step = (target_l0 / last.final["l0"]) ** (1 / slope)
+    return last.coefficient * min(max(step, 0.25), 4.0)  # short runs: L0(c) is not monotone
 
 
 # ---------------------------------------------------------------------- report
@@ -235,7 +237,8 @@ def write_markdown(path: Path, result: dict[str, Any]) -> None:
         ),
         "",
         (
-            f"Target (SAELens `standard`, l1 {t['l1_coefficient']}): held-out FVU {t['fvu']:.4f} at "
+            f"Target (SAELens `standard`, l1 {t['l1_coefficient']}, lr {result['sae_lens_lr']:g}; "
+            f"saex lr {result['saex_knobs']['lr']:g}): held-out FVU {t['fvu']:.4f} at "
             f"L0 {t['l0']:.1f} after {t['tokens']:,} tokens and {t['wall_s']:.1f} s of steps "
             f"(median step {t['median_step_s']:.3f} s)."
         ),
@@ -266,6 +269,22 @@ def write_markdown(path: Path, result: dict[str, Any]) -> None:
             )
             + " |"
         )
+    best, goals = s["best_matched"], s["goals"]
+    verdict = "no run matched the target L0 at or below the target FVU"
+    if best is not None:
+        met = (
+            best["token_saving"] >= goals["token_saving"]
+            and best["wall_speedup"] >= goals["wall_speedup"]
+        )
+        verdict = (
+            f"fastest matched run {best['run']}: {best['token_saving']:.0%} fewer tokens, "
+            f"{best['wall_speedup']:.1f}x less step time (goals >= {goals['token_saving']:.0%}, "
+            f">= {goals['wall_speedup']:g}x: {'met' if met else 'not met'})"
+        )
+    lines += [
+        "",
+        f"Matched = final L0 within {goals['l0_tolerance']:.0%} of the target. {verdict}.",
+    ]
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -283,6 +302,7 @@ def main() -> None:
     p.add_argument("--width", type=int, default=2304)
     p.add_argument("--batch", type=int, default=4096)
     p.add_argument("--l1", type=float, default=5.0, help="SAELens l1_coefficient")
+    p.add_argument("--sae-lens-lr", type=float, default=3e-4, help="SAELens's default: 3e-4")
     p.add_argument("--saex-lr", type=float, default=4e-4, help="saex's GPT-2 script: 4e-4")
     p.add_argument("--saex-warmup", type=int, default=16, help="saex LR warm-up steps")
     p.add_argument(
@@ -333,6 +353,7 @@ def main() -> None:
                 f"({train.shape[0] + n_eval:,} tokens)",
         "shape": {"d_in": train.shape[1], "d_sae": args.width, "batch": args.batch,
                   "tokens": steps * args.batch, "eval_tokens": n_eval, "dtype": "float32"},
+        "sae_lens_lr": args.sae_lens_lr,
         "saex_knobs": {"lr": args.saex_lr, "lr_warmup_steps": args.saex_warmup, "gated": args.gated,
                        "input_norm": "wes-mean", "defaults": asdict(SX.SaexTrainConfig(1, 1, 1, 0.0))},
         "summary": summarise(reference, runs, args.l0_tolerance),
