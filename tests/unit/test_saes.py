@@ -287,6 +287,8 @@ def test_expand_family_coefficients_and_expansion_factors() -> None:
     ("family", "message"),
     [
         ({"architecture": "standard", "widths": [8], "k": [4]}, "'k' is not valid"),
+        ({"architecture": "topk", "widths": [8], "k": [4], "normalize_activations": "none"},
+         "'normalize_activations' is not valid for architecture 'topk'"),
         ({"architecture": "topk", "widths": [8]}, "needs 'k'"),
         ({"architecture": "topk", "k": [4]}, "exactly one of 'widths'"),
         ({"architecture": "topk", "widths": [8], "k": [2.5]}, "positive integers"),
