@@ -4,7 +4,15 @@
 sets at once: the C grid, the validation folds of :func:`engine.cv_splits`, a 0.5 score for a
 training fold with one class, the first C of highest mean validation AUC, a refit on all training
 rows, then test F1 (weighted), accuracy and AUC. ``backend="sklearn"`` runs the same selection one
-sklearn model at a time (the reference path), ``backend="torch"`` in one batched solve.
+sklearn model at a time with the original's solvers (lbfgs for L2, saga for L1, max_iter 1000: the
+reference path), ``backend="torch"`` in one batched solve, ``backend="sklearn-converged"`` one
+sklearn model at a time with solvers that reach the optimum (newton-cholesky for L2; liblinear for
+L1, whose intercept carries a 1/100 L1 penalty: ``intercept_scaling`` 100).
+
+The original's saga on raw SAE latents stops far from the L1 optimum at large C (its objective
+30-30,000x the optimum at C >= 46 after 1,000 epochs, ``benchmarks/check_probe_convergence.py
+--l1``), so ``sklearn`` and ``torch`` differ there by where saga stops; ``sklearn-converged`` is
+the reference the engine's solutions are checked against.
 """
 
 from __future__ import annotations
@@ -21,7 +29,7 @@ from sklearn.metrics import accuracy_score, f1_score, roc_auc_score
 
 from saeflow.probing import engine
 
-Backend = Literal["torch", "sklearn"]
+Backend = Literal["torch", "sklearn", "sklearn-converged"]
 
 
 @dataclass(frozen=True)
@@ -48,8 +56,9 @@ def select_logreg(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray,
                   backend: Backend = "torch") -> list[Metrics]:
     """One :class:`Metrics` per k (the first k columns of x, in order) or one for all columns."""
     ks = ks or [x_train.shape[1]]
-    if backend == "sklearn":
-        return [_sklearn_select(x_train[:, :k], y_train, x_test[:, :k], y_test, penalty, cs, seed)
+    if backend != "torch":
+        return [_sklearn_select(x_train[:, :k], y_train, x_test[:, :k], y_test, penalty, cs, seed,
+                                backend == "sklearn-converged")
                 for k in ks]
     return _torch_select(x_train, y_train, x_test, y_test, penalty, ks, cs, seed)
 
@@ -134,18 +143,25 @@ def _mean_val_auc(scores, y, folds, n_k, n_c) -> np.ndarray:
     return total / len(folds)
 
 
-def _sklearn_model(penalty: str, c: float, seed: int) -> LogisticRegression:
+def _sklearn_model(penalty: str, c: float, seed: int, converged: bool = False
+                   ) -> LogisticRegression:
+    if converged and penalty == "l1":
+        return LogisticRegression(C=c, penalty="l1", solver="liblinear", tol=1e-8,
+                                  intercept_scaling=100, max_iter=1000, random_state=seed)
+    if converged:
+        return LogisticRegression(C=c, solver="newton-cholesky", tol=1e-8, max_iter=1000)
     if penalty == "l1":
         return LogisticRegression(C=c, penalty="l1", solver="saga", random_state=seed, max_iter=1000)
     return LogisticRegression(C=c, random_state=seed, max_iter=1000)
 
 
-def _sklearn_select(x_train, y_train, x_test, y_test, penalty, cs, seed) -> Metrics:
+def _sklearn_select(x_train, y_train, x_test, y_test, penalty, cs, seed,
+                    converged: bool = False) -> Metrics:
     """The original's ``find_best_reg``, one sklearn fit per (C, fold) (the reference path)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         if len(y_train) <= 3:
-            model = _sklearn_model(penalty, 1.0, seed).fit(x_train, y_train)
+            model = _sklearn_model(penalty, 1.0, seed, converged).fit(x_train, y_train)
             v = roc_auc_score(y_train, model.predict_proba(x_train)[:, 1])
             return _scores(y_test, model.predict_proba(x_test)[:, 1], v, 1.0)
         folds = engine.cv_splits(y_train, seed)
@@ -156,9 +172,9 @@ def _sklearn_select(x_train, y_train, x_test, y_test, penalty, cs, seed) -> Metr
                 if len(np.unique(y_train[tr])) < 2:
                     fold_scores.append(0.5)
                     continue
-                model = _sklearn_model(penalty, c, seed).fit(x_train[tr], y_train[tr])
+                model = _sklearn_model(penalty, c, seed, converged).fit(x_train[tr], y_train[tr])
                 fold_scores.append(roc_auc_score(y_train[va], model.predict_proba(x_train[va])[:, 1]))
             means.append(np.mean(fold_scores))
         best = int(np.argmax(means))
-        model = _sklearn_model(penalty, cs[best], seed).fit(x_train, y_train)
+        model = _sklearn_model(penalty, cs[best], seed, converged).fit(x_train, y_train)
         return _scores(y_test, model.predict_proba(x_test)[:, 1], means[best], cs[best])

@@ -143,7 +143,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--binarize", action="store_true", help="also probe binarised latents")
     p.add_argument("--binarize-threshold", type=float, default=1.0,
                    help="a latent counts as on above this (original 1; sae-probes wheel 0)")
-    p.add_argument("--backend", choices=["torch", "sklearn"], default="torch")
+    p.add_argument("--backend", choices=["torch", "sklearn", "sklearn-converged"], default="torch")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--out", required=True)
