@@ -207,7 +207,7 @@ def fit_l1(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, cs: torch.Tenso
     step satisfies the sufficient-decrease test of Beck & Teboulle's backtracking. The global
     bound alone is far too cautious at large C: near separation the logistic curvature
     ``p(1 - p)`` is much smaller than 1/4, and fixed steps at the bound left the objective
-    30-400x above the optimum after 2,000 iterations on SAE latents at C >= 600
+    4.5-400x above the optimum after 2,000 iterations on SAE latents at C >= 600
     (``benchmarks/check_probe_convergence.py --l1``). Margins are carried along (``x @ v`` of the
     momentum point is a combination of the last two iterates' margins), so an iteration costs two
     products with ``x`` plus one per rejected step.

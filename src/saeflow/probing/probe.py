@@ -10,7 +10,7 @@ sklearn model at a time with solvers that reach the optimum (newton-cholesky for
 L1, whose intercept carries a 1/100 L1 penalty: ``intercept_scaling`` 100).
 
 The original's saga on raw SAE latents stops far from the L1 optimum at large C (its objective
-30-30,000x the optimum at C >= 46 after 1,000 epochs, ``benchmarks/check_probe_convergence.py
+33-31,000x the optimum at C >= 46 after 1,000 epochs, ``benchmarks/check_probe_convergence.py
 --l1``), so ``sklearn`` and ``torch`` differ there by where saga stops; ``sklearn-converged`` is
 the reference the engine's solutions are checked against.
 """
@@ -85,7 +85,9 @@ def _torch_select(x_train, y_train, x_test, y_test, penalty, ks, cs, seed) -> li
         j, c, m = j.ravel(), c.ravel(), m.ravel()
         cs_t = torch.tensor([grid[i] for i in c], dtype=torch.float64)
         fit = _per_k(x, y_t, torch.from_numpy(masks[m]), cs_t, ks, j, penalty)
-        scores = (x @ fit.coef.T).T + fit.intercept[:, None]  # [p, n]
+        # Validation AUCs of float64 probabilities, as sklearn's predict_proba: at large C they
+        # saturate to 1.0 (margins above ~37), and the ties this makes are part of the selection.
+        scores = _proba(x, fit.coef, fit.intercept)  # [p, n]
         val = _mean_val_auc(scores, y_train, folds, len(ks), len(grid))  # [k, C]
         best = [int(np.argmax(row)) for row in val]
         first = [int(np.flatnonzero((j == jj) & (c == best[jj]) & (m == 0))[0])
@@ -97,7 +99,7 @@ def _torch_select(x_train, y_train, x_test, y_test, penalty, ks, cs, seed) -> li
     x_te = torch.from_numpy(np.ascontiguousarray(x_test[:, :kmax], dtype=np.float32))
     out = []
     for jj in range(len(ks)):
-        proba = torch.sigmoid(x_te @ refit.coef[jj] + refit.intercept[jj]).double().numpy()
+        proba = _proba(x_te, refit.coef[jj : jj + 1], refit.intercept[jj : jj + 1])[0].numpy()
         if folds:
             v = float(val[jj, best[jj]])
         else:  # original: no cross-validation for n <= 3; the training AUC stands in
@@ -105,6 +107,11 @@ def _torch_select(x_train, y_train, x_test, y_test, penalty, ks, cs, seed) -> li
             v = float(engine.auc(train[None], y_t)[0])
         out.append(_scores(y_test, proba, v, grid[best[jj]]))
     return out
+
+
+def _proba(x: torch.Tensor, coef: torch.Tensor, intercept: torch.Tensor) -> torch.Tensor:
+    """[p, n] float64 probabilities of rows ``x`` [n, d] under ``coef`` [p, d], ``intercept`` [p]."""
+    return torch.sigmoid((x.double() @ coef.double().T).T + intercept.double()[:, None])
 
 
 def _per_k(x, y_t, mask_t, cs_t, ks, j, penalty, init: engine.Fit | None = None) -> engine.Fit:
@@ -157,7 +164,12 @@ def _sklearn_model(penalty: str, c: float, seed: int, converged: bool = False
 
 def _sklearn_select(x_train, y_train, x_test, y_test, penalty, cs, seed,
                     converged: bool = False) -> Metrics:
-    """The original's ``find_best_reg``, one sklearn fit per (C, fold) (the reference path)."""
+    """The original's ``find_best_reg``, one sklearn fit per (C, fold) (the reference path).
+
+    ``converged`` fits in float64: sklearn keeps float32 inputs in float32, and at C = 1e5 on raw
+    activations the Hessian's rcond is ~1e-10, below float32's resolution."""
+    if converged:
+        x_train, x_test = x_train.astype(np.float64), x_test.astype(np.float64)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         if len(y_train) <= 3:
