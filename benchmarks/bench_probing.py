@@ -181,7 +181,7 @@ def main() -> None:
                    "n_train": regimes.normal_train_size(y), "order": order,
                    **{f"{b}_wall_s": round(got[b][0], 3) for b in order},
                    **{f"{b}_cpu_s": round(got[b][1], 3) for b in order}}
-            for ref in order[1:] if order[0] == "torch" else [b for b in order if b != "torch"]:
+            for ref in (b for b in order if b != "torch"):
                 row.update(compare(got["torch"][2], got[ref][2], REFERENCES[ref]))
             row["speedup_wall"] = round(row["sklearn_wall_s"] / row["torch_wall_s"], 2)
             per.append(row)

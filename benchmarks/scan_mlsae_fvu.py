@@ -26,7 +26,7 @@ import h5py
 import torch
 from host import host
 
-from saeflow.mlsae.math import reconstruct, standardise
+from saeflow.mlsae.math import layer_fvu, reconstruct, standardise
 from saeflow.mlsae.trainer import MLSAETrainConfig, load_mlsae, train_mlsae
 
 D = 576  # SmolLM2-135M
@@ -72,8 +72,7 @@ def run(root: Path, layers: list[int], ef: int, k: int, tokens: int, lr: float,
     x = torch.stack(xs).float()
     with torch.inference_mode():
         recon, _ = reconstruct(sae.params, x, sae.k)
-    x64 = x.double()
-    fvu = ((recon.double() - x64) ** 2).sum((1, 2)) / ((x64 - x64.mean(1, keepdim=True)) ** 2).sum((1, 2))
+    fvu = layer_fvu(x, recon)
     return {"expansion_factor": ef, "k": k, "tokens": tokens, "lr": lr,
             "train_s": round(train_s, 1), "mean_fvu": round(float(fvu.mean()), 3),
             "max_fvu": round(float(fvu.max()), 3), "argmax_layer": layers[int(fvu.argmax())],

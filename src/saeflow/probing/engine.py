@@ -249,7 +249,9 @@ def fit_l1(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, cs: torch.Tenso
 
         # The proximal-gradient step from the momentum point; backtracking doubles lip (halves
         # the step) of the problems ``sel`` whose step failed the sufficient-decrease test.
-        new_w, new_b, new_z, f_new = vw.clone(), vb.clone(), vz.clone(), f_v.clone()
+        # (the first pass fills every row)
+        new_w, new_b = torch.empty_like(vw), torch.empty_like(vb)
+        new_z, f_new = torch.empty_like(vz), torch.empty_like(f_v)
         sel = torch.arange(len(cc))
         for _ in range(60):
             t = 1 / lip[sel]
