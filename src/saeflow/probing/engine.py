@@ -19,11 +19,14 @@ refit on all training rows (solved in the same batch). n <= 3 uses C = 1 and the
 from __future__ import annotations
 
 import itertools
+import warnings
 from typing import NamedTuple
 
 import numpy as np
 import torch
 from sklearn.model_selection import StratifiedKFold
+
+from saeflow.probing import newton_l1
 
 # paper Table 5 / utils_training.find_best_reg
 C_GRID = tuple(float(c) for c in np.logspace(5, -5, 10))
@@ -180,7 +183,9 @@ class _Design:
         self.x = x
         self.sparse = x.numel() > 0 and float((x != 0).double().mean()) < SPARSE_DENSITY
         if self.sparse:
-            self.rows = x.to_sparse_csr()  # [n, d]
+            with warnings.catch_warnings():  # "sparse CSR support is in beta"
+                warnings.simplefilter("ignore", UserWarning)
+                self.rows = x.to_sparse_csr()  # [n, d]
             self.cols = x.T.contiguous().to_sparse_csr()  # [d, n]
 
     def margins(self, w: torch.Tensor) -> torch.Tensor:
@@ -195,12 +200,60 @@ class _Design:
 def fit_l1(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, cs: torch.Tensor,
            features: torch.Tensor | None = None, max_iter: int = 10000, tol: float = 1e-8,
            init: Fit | None = None) -> Fit:
-    """L1 logistic regression (FISTA with backtracking) for p problems; ``features`` [p, d] masks
-    columns per problem, ``init`` (p rows) is a starting point (zero otherwise).
+    """L1 logistic regression for p problems; ``features`` [p, d] masks columns per problem,
+    ``init`` (p rows) is a starting point (zero otherwise).
 
     Each problem minimises ``C * sum(loss) + ||w||_1`` over its rows and its columns (zero weight
-    elsewhere), the problem of sklearn's saga and liblinear on the same sub-matrix. A problem stops
-    (and leaves the batch) once one step changes its objective by at most ``tol`` relative.
+    elsewhere), the problem of sklearn's saga and liblinear on the same sub-matrix. Problems with
+    at least as many rows as columns are solved by orthant-wise Newton (:mod:`.newton_l1`), per
+    column set; without ``init``, along a regularisation path as :func:`fit_l2` (C ascending, each
+    from the next smaller C's solution on the same rows). The rest, and any problem Newton leaves
+    unconverged, are solved (from where Newton stopped) by :func:`fista_l1` with ``max_iter`` and
+    ``tol``. With k columns and n rows, a Newton step costs a k x k Cholesky factorisation: with
+    k > n the Hessian is singular and the optimum not unique, where FISTA's cheap steps win.
+    """
+    x, y, mask, cs = x.double(), y.double(), mask.double(), cs.double()
+    p, d = len(cs), x.shape[1]
+    fmask = torch.ones(p, d, dtype=torch.bool) if features is None else features.bool()
+    w = torch.zeros(p, d, dtype=x.dtype) if init is None else init.coef.double() * fmask
+    b = torch.zeros(p, dtype=x.dtype) if init is None else init.intercept.double().clone()
+    pending = torch.ones(p, dtype=torch.bool)
+    masks, which = torch.unique(fmask, dim=0, return_inverse=True)
+    same_rows = torch.unique(mask, dim=0, return_inverse=True)[1]
+    for g, cols_mask in enumerate(masks):
+        cols, probs = cols_mask.nonzero().squeeze(1), (which == g).nonzero().squeeze(1)
+        if len(cols) + 1 > int(mask[probs].sum(dim=1).min()):
+            continue  # wide: FISTA
+        design = newton_l1.Design(x[:, cols])
+        # batches: all at once from init, or one C at a time along the path
+        batches = [probs] if init is not None else [probs[cs[probs] == c]
+                                                    for c in torch.unique(cs[probs])]
+        last: dict[int, int] = {}
+        for batch in batches:
+            for i in batch.tolist():
+                if (prev := last.get(int(same_rows[i]))) is not None:
+                    w[i], b[i] = w[prev], b[prev]
+                last[int(same_rows[i])] = i
+            start = torch.cat([w[batch][:, cols], b[batch, None]], dim=1)
+            sol, done = newton_l1.fit(design, y, mask[batch], cs[batch], start)
+            w[batch[:, None], cols] = sol[:, :-1]
+            b[batch] = sol[:, -1]
+            pending[batch[done]] = False
+    if pending.any():
+        rest = pending.nonzero().squeeze(1)
+        fit = fista_l1(x, y, mask[rest], cs[rest], fmask[rest], max_iter, tol,
+                       Fit(w[rest], b[rest]))
+        w[rest], b[rest] = fit.coef.double(), fit.intercept.double()
+    return Fit(w.float(), b.float())
+
+
+def fista_l1(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, cs: torch.Tensor,
+             features: torch.Tensor | None = None, max_iter: int = 10000, tol: float = 1e-8,
+             init: Fit | None = None) -> Fit:
+    """L1 logistic regression by FISTA with backtracking, the arguments as :func:`fit_l1`.
+
+    A problem stops (and leaves the batch) once one step changes its objective by at most ``tol``
+    relative.
 
     Steps: each problem keeps its own curvature estimate ``lip``, shrunk by 1.5 every iteration and
     doubled (up to the global Lipschitz bound ``C * sigma_max([x_cols, 1])^2 / 4``) until the
