@@ -9,7 +9,7 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 
-from saeflow.probing import engine, probe
+from saeflow.probing import engine, newton_l1, probe
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -99,26 +99,76 @@ def _latents(n, d, seed):
     return x.astype(np.float32), y
 
 
+def _l1_objective(x, y, w, b, c):
+    z = x.astype(np.float64) @ w + b
+    return c * np.sum(np.logaddexp(0, z) - y * z) + np.abs(w).sum()
+
+
+def _liblinear(x, y, c):
+    return LogisticRegression(C=c, penalty="l1", solver="liblinear", tol=1e-8, max_iter=1000,
+                              intercept_scaling=100).fit(x.astype(np.float64), y)
+
+
 @pytest.mark.parametrize("c", [1.0, 1e3, 1e5])
 def test_l1_reaches_the_optimum_on_latent_like_data(c):
     """At large C on unscaled sparse latents, fixed 1/L steps stall far above the optimum (the
-    engine's former FISTA: 11% above at C 1e3, 7.8x at 1e5); the backtracking engine's objective
-    must equal liblinear's converged one (liblinear's intercept penalty of |b|/100 only raises
-    its objective under ours)."""
+    engine's first FISTA: 11% above at C 1e3, 7.8x at 1e5). The engine's objective must be at
+    most liblinear's converged one (whose intercept penalty of |b|/100 only raises it), and the
+    orthant-wise Newton solver must meet its own decrement test (FISTA is only its fallback)."""
     x, y = _latents(400, 256, 5)
+    ref = _liblinear(x, y, c)
+    theirs = _l1_objective(x, y, ref.coef_[0], ref.intercept_[0], c)
     fit = engine.fit_l1(torch.from_numpy(x), torch.from_numpy(y).double(), torch.ones(1, 400),
                         torch.tensor([c]))
+    ours = _l1_objective(x, y, fit.coef[0].double().numpy(), fit.intercept[0].item(), c)
+    assert theirs * (1 - 1e-2) <= ours <= theirs * (1 + 1e-6)
+    design = newton_l1.Design(torch.from_numpy(x))
+    theta, done = newton_l1.fit(design, torch.from_numpy(y).double(),
+                                torch.ones(1, 400, dtype=torch.float64),
+                                torch.tensor([c], dtype=torch.float64),
+                                torch.zeros(1, 257, dtype=torch.float64))
+    assert done.all()
+    newton = _l1_objective(x, y, theta[0, :-1].numpy(), theta[0, -1].item(), c)
+    assert newton <= theirs * (1 + 1e-6)
 
-    def objective(w, b):
-        z = x.astype(np.float64) @ w + b
-        return c * np.sum(np.logaddexp(0, z) - y * z) + np.abs(w).sum()
 
-    ref = LogisticRegression(C=c, penalty="l1", solver="liblinear", tol=1e-8, max_iter=1000,
-                             intercept_scaling=100).fit(x.astype(np.float64), y)
-    ours = objective(fit.coef[0].double().numpy(), fit.intercept[0].item())
-    theirs = objective(ref.coef_[0], ref.intercept_[0])
-    assert ours <= theirs * (1 + 1e-4)
-    assert ours >= theirs * (1 - 1e-2)  # the same problem: not a different optimum
+def test_l1_wide_problems_reach_the_optimum():
+    """More columns than rows: the Hessian is singular and the engine solves by FISTA."""
+    x, y = _latents(120, 256, 8)
+    c = 10.0
+    fit = engine.fit_l1(torch.from_numpy(x), torch.from_numpy(y).double(), torch.ones(1, 120),
+                        torch.tensor([c]))
+    ref = _liblinear(x, y, c)
+    ours = _l1_objective(x, y, fit.coef[0].double().numpy(), fit.intercept[0].item(), c)
+    assert ours <= _l1_objective(x, y, ref.coef_[0], ref.intercept_[0], c) * (1 + 1e-4)
+
+
+def test_sparse_pair_hessian_equals_the_dense_one():
+    x, _ = _latents(50, 40, 9)
+    x[7] = 0  # a row without nonzeros
+    v = torch.rand(3, 50, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    design = newton_l1.Design(torch.from_numpy(x))
+    assert not design.dense
+    xa = np.hstack([x.astype(np.float64), np.ones((50, 1))])
+    for i in range(3):
+        np.testing.assert_allclose(design.hessian(v)[i].numpy(), xa.T @ (v[i].numpy()[:, None] * xa),
+                                   rtol=1e-12, atol=1e-12)
+
+
+def test_validation_auc_on_saturated_float64_probabilities():
+    """sklearn's predict_proba saturates to 1.0 above a margin of ~36.7 in float64, and the
+    original selects C on AUCs with those ties: the engine must score the same probabilities
+    (not margins, nor float32 probabilities, which saturate near 17)."""
+    margins = np.array([20.0, 30.0, 36.0, 38.0, 40.0, 45.0, 50.0, 60.0])
+    y = np.array([0, 0, 0, 1, 0, 1, 1, 1])
+    x = torch.from_numpy(margins[:, None])
+    proba = probe._proba(x, torch.ones(1, 1), torch.zeros(1))
+    expected = 1 / (1 + np.exp(-margins))
+    assert (expected[3:] == 1.0).all() and (expected[:3] < 1.0).all()
+    np.testing.assert_array_equal(proba[0].numpy(), expected)
+    got = float(engine.auc(proba, torch.from_numpy(y))[0])
+    assert got == pytest.approx(roc_auc_score(y, expected), abs=1e-12)
+    assert got < roc_auc_score(y, margins)  # the ties above 36.7 cost AUC
 
 
 @pytest.mark.parametrize("penalty", ["l2", "l1"])
